@@ -1,0 +1,74 @@
+"""``unimodal``: one modality, encoder + linear head, CE; and ``ensemble``: the mean of the
+softmax probabilities of independently trained unimodal models (one per modality)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmark.config import opt
+from benchmark.errors import UsageError
+from benchmark.method import Batch, EvalOutput, Method
+from benchmark.registry import register_method
+from benchmark.unimodal import build_unimodal, train_unimodal, unimodal_eval
+
+
+@dataclass
+class UnimodalOptions:
+    modality: str = opt("", "the modality trained (default: the dataset's first)")
+
+
+@register_method("unimodal")
+class Unimodal(Method):
+    summary = "one modality alone: encoder + linear head, cross-entropy"
+    Options = UnimodalOptions
+
+    def check(self) -> None:
+        if not self.options.modality:
+            self.options.modality = self.modalities[0]
+        if self.options.modality not in self.modalities:
+            raise UsageError(
+                f"method.modality {self.options.modality!r} is not a modality of {self.info.name}; "
+                f"choose one of {', '.join(self.modalities)}"
+            )
+
+    def build(self) -> nn.Module:
+        self.model = build_unimodal(self, self.options.modality)
+        return self.model
+
+    def run(self, trainer: Any) -> dict[str, Any]:
+        self.model, info = train_unimodal(trainer, self, self.options.modality)
+        return {"unimodal": {self.options.modality: info}}
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch[self.options.modality])[0]
+
+    def eval_forward(self, batch: Batch) -> EvalOutput:
+        return unimodal_eval(self.model, batch)
+
+
+@register_method("ensemble")
+class Ensemble(Method):
+    summary = "mean softmax probabilities of unimodal models trained independently"
+    min_modalities = 2
+
+    def build(self) -> nn.Module:
+        self.model = nn.ModuleDict({m: build_unimodal(self, m) for m in self.modalities})
+        return self.model
+
+    def run(self, trainer: Any) -> dict[str, Any]:
+        infos = {}
+        for m in self.modalities:
+            self.model[m], infos[m] = train_unimodal(trainer, self, m)
+        return {"unimodal": infos}
+
+    def eval_forward(self, batch: Batch) -> EvalOutput:
+        outs = [unimodal_eval(self.model[m], batch) for m in self.modalities]
+        probs = torch.stack([o.logits.float().softmax(dim=1) for o in outs]).mean(dim=0)
+        unimodal = {m: o.logits for m, o in zip(self.modalities, outs)}
+        features = {m: o.features[m] for m, o in zip(self.modalities, outs)}
+        # log of the mean probability: its arg-max is the ensemble's prediction
+        return EvalOutput(probs.clamp_min(1e-12).log(), unimodal, features)

@@ -1,0 +1,3 @@
+"""Balanced multimodal learning benchmark: the core (data, models, trainer, runner, command line)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,189 @@
+"""The resolved configuration of one run, and ``key=value`` overrides with type checking.
+
+Every option of a run lives in :class:`RunConfig` (shared options) or in the ``Options``
+dataclass of a method or dataset (their own options, addressed as ``method.<name>`` and
+``dataset.<name>``). Encoders per modality are set with ``encoder.<modality>=<name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmark.errors import UsageError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its help text (shown by ``--help`` and in the docs)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class RunConfig:
+    """Options shared by every method and dataset."""
+
+    method: str = opt("joint", "training method (see `python -m benchmark list`)")
+    dataset: str = opt("synthetic", "dataset name (see `python -m benchmark list`)")
+    seed: int = opt(0, "seed of initialisation and data order; the dataset's own seed is dataset.seed")
+    epochs: int = opt(20, "training epochs (per phase for multi-phase methods)")
+    batch_size: int = opt(64, "mini-batch size for training")
+    eval_batch_size: int = opt(256, "mini-batch size for evaluation (no sample is dropped)")
+    optimizer: str = opt("sgd", "optimizer: sgd, adam or adamw")
+    lr: float = opt(0.01, "learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(1e-4, "weight decay")
+    scheduler: str = opt("none", "learning-rate schedule: none, step or cosine")
+    step_size: int = opt(70, "StepLR period in epochs (scheduler=step)")
+    gamma: float = opt(0.1, "StepLR decay factor (scheduler=step)")
+    patience: int = opt(0, "early stopping: epochs without a better validation accuracy (0 = off)")
+    fusion: str = opt("concat", "fusion head for fused methods: concat, sum, film or gated")
+    encoder: dict = opt({}, "encoder per modality, e.g. encoder.audio=resnet18_audio (default: the dataset's)")
+    device: str = opt("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:<i> or mps")
+    amp: str = opt("auto", "mixed precision: auto (bf16/fp16 on CUDA only), off, bf16 or fp16")
+    num_workers: int = opt(0, "data-loader worker processes for on-disk datasets")
+    probe: bool = opt(True, "fit per-modality linear probes on frozen features after training")
+    cache_dir: str = opt("", "where unimodal checkpoints are kept for reuse (default: <out>/cache)")
+    method_options: dict = opt({}, "method options, set as method.<name>=<value>")
+    dataset_options: dict = opt({}, "dataset options, set as dataset.<name>=<value>")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_size"):
+            low = 0 if name == "epochs" else 1
+            if getattr(self, name) < low:
+                raise UsageError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.patience < 0 or self.num_workers < 0:
+            raise UsageError("patience and num_workers must be >= 0")
+        if not self.lr > 0:
+            raise UsageError(f"lr must be > 0, got {self.lr}")
+        choices = {
+            "optimizer": ("sgd", "adam", "adamw"),
+            "scheduler": ("none", "step", "cosine"),
+            "amp": ("auto", "off", "bf16", "fp16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+
+
+def config_hash(data: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able mapping (the key of a run in the result store)."""
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a command-line string (or a TOML value) to a field's declared type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing))  # dataclass annotations under __future__
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(annotation):
+            if arm is type(None):
+                if isinstance(value, str) and value.lower() in ("none", "null", ""):
+                    return None
+                continue
+            try:
+                return coerce(value, arm, key)
+            except UsageError as exc:
+                errors.append(str(exc))
+        raise UsageError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        for choice in allowed:
+            if str(choice) == str(value):
+                return choice
+        raise UsageError(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    try:
+        if annotation is bool:
+            return value if isinstance(value, bool) else _bool(str(value))
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except ValueError:
+        kind = getattr(annotation, "__name__", str(annotation))
+        raise UsageError(f"{key} expects a value of type {kind}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(target: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    """Set dataclass fields from ``{name: value}``; unknown names are refused with the known ones."""
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for name, value in overrides.items():
+        if name not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise UsageError(f"unknown option {prefix}{name!r}; known options: {known}")
+        setattr(target, name, coerce(value, fields[name].type, prefix + name))
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``["lr=0.1", "method.alpha=0.5"]`` → ``{"lr": "0.1", "method.alpha": "0.5"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_config(assignments: dict[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from flat assignments; ``method.*``, ``dataset.*`` and
+    ``encoder.*`` keys go to the nested mappings (checked later against the plug-in's options)."""
+    cfg = RunConfig()
+    flat: dict[str, Any] = {}
+    for key, value in assignments.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in ("method", "dataset", "encoder") and rest:
+            target = {"method": cfg.method_options, "dataset": cfg.dataset_options,
+                      "encoder": cfg.encoder}[head]
+            target[rest] = value
+        elif key in ("method_options", "dataset_options", "encoder"):
+            raise UsageError(f"set {key} entries one by one, as {key.split('_')[0]}.<name>=<value>")
+        else:
+            flat[key] = value
+    apply_overrides(cfg, flat)
+    cfg.validate()
+    return cfg
+
+
+def options_help(options_cls: type) -> list[tuple[str, str, str]]:
+    """(name, default, help) for each field of an options dataclass."""
+    rows = []
+    for f in dataclasses.fields(options_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        rows.append((f.name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,26 @@
+"""Datasets: the in-memory split types, the builder interface and the registered datasets."""
+
+from benchmark.data.base import (
+    DataInfo,
+    ModalitySpec,
+    MultimodalData,
+    TensorSplit,
+    iterate_batches,
+    split_labels,
+    stratified_split,
+)
+from benchmark.data.builder import DatasetBuilder, create_dataset, resolve_dataset_options
+from benchmark.data import synthetic  # noqa: F401  (registers "synthetic")
+
+__all__ = [
+    "DataInfo",
+    "DatasetBuilder",
+    "ModalitySpec",
+    "MultimodalData",
+    "TensorSplit",
+    "create_dataset",
+    "iterate_batches",
+    "resolve_dataset_options",
+    "split_labels",
+    "stratified_split",
+]

@@ -1,0 +1,219 @@
+"""The Method interface: what a method supplies to the one training loop.
+
+A method owns its modules and says how to train them through :class:`Stage` objects: the
+module trained, the per-batch step, the prediction used for validation, and optional hooks
+(after backward: OGM-GE; at each epoch start: UDI's controller; a manual step: MLA). Single-
+stage methods implement :meth:`Method.training_step` and inherit :meth:`Method.run`; multi-phase
+methods (ensemble, UDI) override :meth:`Method.run` and call ``trainer.fit`` once per phase.
+
+Methods never read files or write results; the trainer and the runner do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchmark.config import RunConfig, apply_overrides
+from benchmark.data.base import DataInfo
+from benchmark.errors import UsageError
+from benchmark.models import create_encoder, create_fusion
+from benchmark.registry import METHODS
+
+if TYPE_CHECKING:
+    from benchmark.trainer import Trainer
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@dataclass
+class StepContext:
+    """What a step may need from the loop: where it is, and the loop's backward/step helpers."""
+
+    trainer: Trainer
+    stage: Stage
+    epoch: int
+    step: int  # index of the batch within the epoch
+    num_batches: int
+    optimizers: list[torch.optim.Optimizer]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.trainer.backward(loss)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.trainer.optimizer_step(optimizer)
+
+
+@dataclass
+class EvalOutput:
+    """One evaluation forward pass: fused logits, unimodal logits (if any), pooled features."""
+
+    logits: torch.Tensor
+    unimodal: dict[str, torch.Tensor] | None
+    features: dict[str, torch.Tensor]
+
+
+@dataclass
+class Stage:
+    """One training phase run by ``Trainer.fit``.
+
+    ``step(batch, ctx)`` returns a dict of scalar tensors; unless ``manual`` is set the loop
+    backpropagates ``"loss"`` and steps the optimizers. ``predict(batch)`` gives the logits whose
+    validation accuracy selects the best epoch. ``seed_key`` names the data-order stream, so two
+    stages with the same key see the batches in the same order.
+    """
+
+    name: str
+    module: nn.Module
+    step: Callable[[Batch, StepContext], dict[str, torch.Tensor]]
+    predict: Callable[[Batch], torch.Tensor]
+    seed_key: str = ""
+    params: list[nn.Parameter] | None = None
+    make_optimizers: Callable[[list[nn.Parameter]], list[torch.optim.Optimizer]] | None = None
+    manual: bool = False
+    after_backward: Callable[[StepContext], None] | None = None
+    on_epoch_start: Callable[[StepContext], None] | None = None
+    epoch_log: Callable[[], dict[str, Any]] | None = None
+    epochs: int | None = None
+    patience: int | None = None
+    modalities: list[str] = field(default_factory=list)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = self.params if self.params is not None else list(self.module.parameters())
+        return [p for p in params if p.requires_grad]
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Method:
+    """Base class of every training method. Subclasses are registered with
+    ``@register_method(name)`` and set ``Options`` to a dataclass of their own options."""
+
+    Options: ClassVar[type] = NoOptions
+    min_modalities: ClassVar[int] = 1
+    max_modalities: ClassVar[int | None] = None
+    summary: ClassVar[str] = ""
+
+    def __init__(self, info: DataInfo, cfg: RunConfig, options: Any) -> None:
+        self.info = info
+        self.cfg = cfg
+        self.options = options
+        self.modalities = info.modality_names
+        self.device = torch.device("cpu")
+        self.model: nn.Module = nn.Module()
+
+    # --- building blocks -------------------------------------------------------------------
+    def encoder_name(self, modality: str) -> str:
+        return self.cfg.encoder.get(modality) or self.info.modality(modality).encoder
+
+    def make_encoder(self, modality: str) -> nn.Module:
+        return create_encoder(self.encoder_name(modality), self.info.modality(modality))
+
+    def make_encoders(self, modalities: list[str] | None = None) -> nn.ModuleDict:
+        return nn.ModuleDict({m: self.make_encoder(m) for m in modalities or self.modalities})
+
+    def make_fusion(self, encoders: nn.ModuleDict) -> nn.Module:
+        dims = {m: enc.out_dim for m, enc in encoders.items()}
+        return create_fusion(self.cfg.fusion, dims, self.info.num_classes)
+
+    def encode(self, batch: Batch, encoders: nn.ModuleDict | None = None) -> dict[str, torch.Tensor]:
+        encoders = encoders if encoders is not None else self.model.encoders
+        return {m: enc(batch[m]) for m, enc in encoders.items()}
+
+    # --- the interface ---------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """Create the modules (called under the run's seed); returns the model to be evaluated."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        return self.eval_forward(batch).logits
+
+    def eval_forward(self, batch: Batch) -> EvalOutput:
+        raise NotImplementedError
+
+    def stage(self) -> Stage:
+        """The single stage of a one-phase method."""
+        return Stage(
+            name=self.name,
+            module=self.model,
+            step=self.training_step,
+            predict=self.predict,
+            seed_key=f"method/{self.name}",
+            after_backward=self.after_backward if _overrides(self, "after_backward") else None,
+            on_epoch_start=self.on_epoch_start if _overrides(self, "on_epoch_start") else None,
+            modalities=list(self.modalities),
+        )
+
+    def after_backward(self, ctx: StepContext) -> None:
+        """Between backward and the optimizer step (gradient modulation)."""
+
+    def on_epoch_start(self, ctx: StepContext) -> None:
+        """Before the first batch of each epoch."""
+
+    def run(self, trainer: Trainer) -> dict[str, Any]:
+        """Train; returns method-specific facts for the result record."""
+        trainer.fit(self.stage())
+        return {}
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+
+def _overrides(obj: Method, attr: str) -> bool:
+    return getattr(type(obj), attr) is not getattr(Method, attr)
+
+
+def resolve_method_options(name: str, overrides: dict[str, Any]) -> Any:
+    method_cls = METHODS.get(name)
+    options = method_cls.Options()
+    apply_overrides(options, overrides, prefix="method.")
+    if hasattr(options, "validate"):
+        options.validate()
+    return options
+
+
+def create_method(name: str, info: DataInfo, cfg: RunConfig) -> Method:
+    """Instantiate method ``name`` for dataset ``info``; refuses modality counts it cannot handle."""
+    method_cls = METHODS.get(name)
+    options = resolve_method_options(name, cfg.method_options)
+    n = len(info.modalities)
+    if n < method_cls.min_modalities or (method_cls.max_modalities and n > method_cls.max_modalities):
+        most = method_cls.max_modalities or "any number of"
+        raise UsageError(
+            f"method {name!r} takes {method_cls.min_modalities} to {most} modalities, "
+            f"dataset {info.name!r} has {n}; choose a dataset with fewer modalities"
+        )
+    for modality in cfg.encoder:
+        if modality not in info.modality_names:
+            raise UsageError(
+                f"encoder.{modality}: dataset {info.name!r} has no modality {modality!r}; "
+                f"its modalities: {', '.join(info.modality_names)}"
+            )
+    method = method_cls(info, cfg, options)
+    if hasattr(method, "check"):
+        method.check()
+    return method
+
+
+def options_of(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else {}

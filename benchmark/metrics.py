@@ -1,0 +1,35 @@
+"""Metrics of a finished run: accuracy, macro-F1, unimodal accuracies, linear probes."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    preds = logits.argmax(dim=1).numpy()
+    return float(f1_score(labels.numpy(), preds, average="macro", labels=list(range(num_classes)),
+                          zero_division=0))
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor,
+                          test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Accuracy on test of a multinomial logistic regression fitted on frozen train features
+    (standardised; L2 strength C = 1; L-BFGS, deterministic)."""
+    scaler = StandardScaler().fit(train_x.numpy())
+    clf = LogisticRegression(max_iter=1000, C=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(scaler.transform(train_x.numpy()), train_y.numpy())
+    preds = clf.predict(scaler.transform(test_x.numpy()))
+    return float(np.mean(preds == test_y.numpy()))

@@ -1,0 +1,6 @@
+"""Encoders and fusion heads (registered on import)."""
+
+from benchmark.models.encoders import create_encoder
+from benchmark.models.fusion import FusionHead, create_fusion
+
+__all__ = ["FusionHead", "create_encoder", "create_fusion"]

@@ -1,0 +1,122 @@
+"""Encoders: a module mapping one modality's batch to pooled features of size ``out_dim``.
+
+Every encoder exposes ``out_dim`` so that heads read the feature size instead of assuming it.
+ResNet18s are torchvision's architecture built from scratch (no weights are downloaded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from benchmark.data.base import ModalitySpec
+from benchmark.errors import UsageError
+from benchmark.registry import ENCODERS, register_encoder
+
+
+class MLPEncoder(nn.Module):
+    """Two hidden layers with BatchNorm and ReLU, for vector modalities."""
+
+    def __init__(self, spec: ModalitySpec, hidden: int = 128) -> None:
+        super().__init__()
+        in_dim = math.prod(spec.shape)
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and global average pooling, for small images (C×H×W, e.g. 8×8 digits)."""
+
+    def __init__(self, spec: ModalitySpec, width: int = 32) -> None:
+        super().__init__()
+        channels = spec.shape[0] if len(spec.shape) == 3 else 1
+        layers: list[nn.Module] = []
+        c_in = channels
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
+            if i < 2:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = 4 * width
+        self._two_d = len(spec.shape) == 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._two_d:
+            x = x.unsqueeze(1)
+        return self.net(x)
+
+
+def _resnet18_trunk(in_channels: int) -> nn.Module:
+    net = resnet18(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net
+
+
+class ResNet18Audio(nn.Module):
+    """ResNet18 on a spectrogram (C×F×T, C = 1 for the usual log-magnitude input)."""
+
+    def __init__(self, spec: ModalitySpec) -> None:
+        super().__init__()
+        in_channels = spec.shape[0] if len(spec.shape) == 3 else 1
+        self.net = _resnet18_trunk(in_channels)
+        self.out_dim = 512
+        self._two_d = len(spec.shape) == 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._two_d:
+            x = x.unsqueeze(1)
+        return self.net(x)
+
+
+class ResNet18Visual(nn.Module):
+    """ResNet18 on T frames (T×C×H×W): frames are folded into the batch, features averaged over T."""
+
+    def __init__(self, spec: ModalitySpec) -> None:
+        super().__init__()
+        if len(spec.shape) not in (3, 4):
+            raise UsageError(f"resnet18_visual needs frames T×C×H×W or an image C×H×W, got {spec.shape}")
+        in_channels = spec.shape[-3]
+        self.net = _resnet18_trunk(in_channels)
+        self.out_dim = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # a single image per sample
+            return self.net(x)
+        b, t = x.shape[:2]
+        feats = self.net(x.flatten(0, 1))
+        return feats.view(b, t, -1).mean(dim=1)
+
+
+register_encoder("mlp")(MLPEncoder)
+register_encoder("small_cnn")(SmallCNN)
+register_encoder("resnet18_audio")(ResNet18Audio)
+register_encoder("resnet18_visual")(ResNet18Visual)
+
+
+def create_encoder(name: str, spec: ModalitySpec) -> nn.Module:
+    encoder = ENCODERS.get(name)(spec)
+    if not isinstance(getattr(encoder, "out_dim", None), int):
+        raise TypeError(f"encoder {name} does not expose an integer out_dim")
+    return encoder

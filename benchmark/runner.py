@@ -1,0 +1,216 @@
+"""Run one configuration end to end: resolve, train, evaluate once on test, write one record."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmark.config import RunConfig, config_hash
+from benchmark.data import MultimodalData, create_dataset, resolve_dataset_options
+from benchmark.device import make_deterministic, pick_device, seed_everything, seeded
+from benchmark.errors import DivergedError, UsageError
+from benchmark.method import Method, create_method, options_of
+from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
+from benchmark.registry import ENCODERS
+from benchmark.trainer import Trainer
+
+# Options that change where or how fast a run goes, never its result: left out of its key.
+NOT_IN_KEY = ("device", "num_workers", "cache_dir")
+
+
+@dataclass
+class PreparedRun:
+    cfg: RunConfig
+    data: MultimodalData
+    method: Method
+    device: torch.device
+    resolved: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return config_hash({k: v for k, v in self.resolved.items() if k not in NOT_IN_KEY})
+
+
+def prepare(cfg: RunConfig) -> PreparedRun:
+    """Check and resolve everything a run needs before any training: raises UsageError."""
+    cfg.validate()
+    device = pick_device(cfg.device)
+    dataset_options = resolve_dataset_options(cfg.dataset, cfg.dataset_options)
+    for name in cfg.encoder.values():
+        ENCODERS.get(name)
+    data = create_dataset(cfg.dataset, cfg.dataset_options)
+    method = create_method(cfg.method, data.info, cfg)
+    resolved = cfg.to_dict()
+    resolved["method_options"] = options_of(method.options)
+    resolved["dataset_options"] = options_of(dataset_options)
+    resolved["encoder"] = {m: method.encoder_name(m) for m in data.info.modality_names}
+    return PreparedRun(cfg, data, method, device, resolved)
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for pkg in ("balanced-mm-bench", "torch", "torchvision", "torchaudio", "numpy", "scikit-learn"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return versions
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20, "process_max_rss"
+
+
+def evaluate(run: PreparedRun, trainer: Trainer) -> dict[str, Any]:
+    """Test metrics of the trained method (test is evaluated here, once) and linear probes."""
+    method, info = run.method, run.data.info
+    test, test_y = trainer.collect(method.eval_forward, method.model, "test")
+    metrics: dict[str, Any] = {
+        "accuracy": accuracy(test.logits, test_y),
+        "macro_f1": macro_f1(test.logits, test_y, info.num_classes),
+        "val_accuracy": trainer.accuracy(method.predict, method.model, "val"),
+        "unimodal_accuracy": {m: accuracy(z, test_y) for m, z in (test.unimodal or {}).items()},
+    }
+    if run.cfg.probe:
+        train, train_y = trainer.collect(method.eval_forward, method.model, "train")
+        metrics["probe_accuracy"] = {
+            m: linear_probe_accuracy(train.features[m], train_y, test.features[m], test_y)
+            for m in test.features
+        }
+    else:
+        metrics["probe_accuracy"] = {}
+    return metrics
+
+
+def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
+            cache_dir: str | None = None) -> dict[str, Any]:
+    """Train and evaluate; returns the result record (status ok). Raises DivergedError."""
+    cfg = run.cfg
+    make_deterministic()
+    seed_everything(cfg.seed)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run.data, run.device, log=log, cache_dir=cache_dir)
+    method = run.method
+    method.device = run.device
+    with seeded(cfg.seed, f"method/{cfg.method}/build"):
+        method.build()
+    method.model.to(run.device)
+    facts = method.run(trainer)
+    metrics = evaluate(run, trainer)
+    wall = time.perf_counter() - t0
+    mem, mem_kind = peak_memory_mb(run.device)
+    epochs = trainer.epoch_seconds
+    metrics.update(
+        wall_seconds=wall,
+        seconds_per_epoch=sum(epochs) / len(epochs) if epochs else 0.0,
+        data_wait_fraction=trainer.data_wait_seconds / sum(epochs) if epochs and sum(epochs) else 0.0,
+        peak_memory_mb=mem,
+        peak_memory_kind=mem_kind,
+        parameters=sum(p.numel() for p in method.model.parameters()),
+    )
+    return {
+        "schema": 1,
+        "status": "ok",
+        "key": run.key,
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "config": run.resolved,
+        "metrics": metrics,
+        "method_record": facts,
+        "stages": {name: {k: v for k, v in vars(s).items() if k != "history"}
+                   for name, s in trainer.stages.items()},
+        "history": trainer.history,
+        "device": str(run.device),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def failed_record(run: PreparedRun, error: BaseException) -> dict[str, Any]:
+    return {
+        "schema": 1, "status": "failed", "key": run.key, "method": run.cfg.method,
+        "dataset": run.cfg.dataset, "seed": run.cfg.seed, "config": run.resolved,
+        "error": f"{type(error).__name__}: {error}", "git_commit": git_commit(),
+        "versions": package_versions(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write through a temporary file in the same folder and rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, default=str, allow_nan=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_output_dir(out: str) -> Path:
+    """The output folder, whose parent must exist (a typo in a path is refused, not created)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output path {out!r} is a file; give a folder with --out")
+    if not path.exists() and not path.resolve().parent.is_dir():
+        raise UsageError(f"output folder's parent {str(path.resolve().parent)!r} does not exist; "
+                         "create it or choose another --out")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"output folder {out!r} is not writable; choose another --out")
+    return path
+
+
+def record_path(out: Path, run: PreparedRun) -> Path:
+    return out / f"{run.cfg.method}-{run.cfg.dataset}-seed{run.cfg.seed}-{run.key}.json"
+
+
+def run_and_record(run: PreparedRun, out: Path, log: Callable[[str], None] | None = None
+                   ) -> tuple[Path, dict[str, Any]]:
+    """Execute and write the record (ok or failed, never partial). Re-raises DivergedError."""
+    cache = run.cfg.cache_dir or str(out / "cache")
+    path = record_path(out, run)
+    try:
+        record = execute(run, log=log, cache_dir=cache)
+    except DivergedError as exc:
+        write_json_atomic(path, failed_record(run, exc))
+        raise
+    write_json_atomic(path, record)
+    return path, record

@@ -1,0 +1,229 @@
+"""The one training loop: epochs, devices, mixed precision, validation, best-epoch checkpoint,
+timing and logging. Methods plug in through :class:`benchmark.method.Stage`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmark.config import RunConfig
+from benchmark.data.base import MultimodalData, iterate_batches
+from benchmark.device import amp_dtype, derive_seed
+from benchmark.errors import DivergedError
+from benchmark.method import Batch, EvalOutput, Stage, StepContext, make_optimizer
+
+
+@dataclass
+class StageResult:
+    name: str
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, epochs: int) -> Any:
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    return None
+
+
+class Trainer:
+    """Runs stages on one dataset and device; keeps the per-epoch history of every stage."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: MultimodalData,
+        device: torch.device,
+        log: Callable[[str], None] | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.device = device
+        self.log = log or (lambda msg: None)
+        self.cache_dir = cache_dir
+        self.dtype = amp_dtype(cfg.amp, device)
+        use_scaler = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.history: list[dict[str, Any]] = []
+        self.stages: dict[str, StageResult] = {}
+        self.epoch_seconds: list[float] = []
+        self.data_wait_seconds = 0.0
+
+    # --- helpers a step may call ------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def batches(self, split: str, *, shuffle: bool, generator: torch.Generator | None = None,
+                batch_size: int | None = None) -> Iterator[Batch]:
+        size = batch_size or (self.cfg.batch_size if shuffle else self.cfg.eval_batch_size)
+        pin = self.device.type == "cuda"
+        for batch in iterate_batches(self.data.splits[split], size, shuffle=shuffle,
+                                     generator=generator, num_workers=self.cfg.num_workers,
+                                     pin_memory=pin):
+            yield self.to_device(batch)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def accuracy(self, predict: Callable[[Batch], torch.Tensor], module: nn.Module, split: str) -> float:
+        was_training = module.training
+        module.eval()
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        total = 0
+        for batch in self.batches(split, shuffle=False):
+            with self.autocast():
+                logits = predict(batch)
+            correct += (logits.argmax(dim=1) == batch["label"]).sum()
+            total += len(batch["label"])
+        module.train(was_training)
+        return correct.item() / max(total, 1)
+
+    @torch.inference_mode()
+    def collect(self, forward: Callable[[Batch], EvalOutput], module: nn.Module, split: str
+                ) -> tuple[EvalOutput, torch.Tensor]:
+        """Concatenated eval outputs (on the CPU, float32) and labels of a whole split."""
+        module.eval()
+        logits, labels = [], []
+        unimodal: dict[str, list[torch.Tensor]] = {}
+        feats: dict[str, list[torch.Tensor]] = {}
+        has_unimodal = True
+        for batch in self.batches(split, shuffle=False):
+            with self.autocast():
+                out = forward(batch)
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["label"].cpu())
+            if out.unimodal is None:
+                has_unimodal = False
+            else:
+                for m, z in out.unimodal.items():
+                    unimodal.setdefault(m, []).append(z.float().cpu())
+            for m, f in out.features.items():
+                feats.setdefault(m, []).append(f.float().cpu())
+        merged = EvalOutput(
+            logits=torch.cat(logits),
+            unimodal={m: torch.cat(v) for m, v in unimodal.items()} if has_unimodal and unimodal else None,
+            features={m: torch.cat(v) for m, v in feats.items()},
+        )
+        return merged, torch.cat(labels)
+
+    # --- training -----------------------------------------------------------------------------
+    def fit(self, stage: Stage) -> StageResult:
+        """Train one stage; afterwards ``stage.module`` holds its best-validation weights."""
+        cfg = self.cfg
+        stage.module.to(self.device)
+        params = stage.trainable_parameters()
+        optimizers = stage.make_optimizers(params) if stage.make_optimizers else [make_optimizer(params, cfg)]
+        epochs = cfg.epochs if stage.epochs is None else stage.epochs
+        patience = cfg.patience if stage.patience is None else stage.patience
+        schedulers = [s for s in (_scheduler(o, cfg, epochs) for o in optimizers) if s is not None]
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, stage.seed_key or stage.name))
+        num_batches = math.ceil(len(self.data.splits["train"]) / cfg.batch_size)
+
+        best_acc, best_epoch, best_state = -1.0, -1, None
+        history: list[dict[str, Any]] = []
+        train_seconds = 0.0
+        epoch = -1
+        for epoch in range(epochs):
+            stage.module.train()
+            ctx = StepContext(self, stage, epoch, 0, num_batches, optimizers)
+            if stage.on_epoch_start:
+                stage.on_epoch_start(ctx)
+            totals: dict[str, torch.Tensor] = {}
+            seen = 0
+            start = time.perf_counter()
+            waited = 0.0
+            batches = self.batches("train", shuffle=True, generator=generator)
+            step = 0
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                waited += time.perf_counter() - t0
+                if batch is None:
+                    break
+                if len(batch["label"]) < 2:  # BatchNorm cannot train on a batch of one sample
+                    continue
+                ctx.step = step
+                if stage.manual:
+                    out = stage.step(batch, ctx)
+                else:
+                    with self.autocast():
+                        out = stage.step(batch, ctx)
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    self.backward(out["loss"])
+                    if self.scaler:
+                        for opt in optimizers:
+                            self.scaler.unscale_(opt)
+                    if stage.after_backward:
+                        stage.after_backward(ctx)
+                    for opt in optimizers:
+                        self.optimizer_step(opt)
+                n = len(batch["label"])
+                for key, value in out.items():
+                    value = value.detach().float() * n
+                    totals[key] = totals[key] + value if key in totals else value
+                seen += n
+                step += 1
+            epoch_time = time.perf_counter() - start
+            train_seconds += epoch_time
+            self.epoch_seconds.append(epoch_time)
+            self.data_wait_seconds += waited
+            means = {k: (v / max(seen, 1)).item() for k, v in totals.items()}
+            bad = [k for k, v in means.items() if not math.isfinite(v)]
+            if bad:
+                raise DivergedError(
+                    f"stage {stage.name}: non-finite {', '.join(bad)} at epoch {epoch}; "
+                    "lower the learning rate (--set lr=...)"
+                )
+            val_acc = self.accuracy(stage.predict, stage.module, "val")
+            row = {"stage": stage.name, "epoch": epoch, **{f"train_{k}": v for k, v in means.items()},
+                   "val_accuracy": val_acc, "lr": optimizers[0].param_groups[0]["lr"],
+                   "epoch_seconds": epoch_time, "data_wait_seconds": waited}
+            if stage.epoch_log:
+                row.update(stage.epoch_log())
+            history.append(row)
+            self.history.append(row)
+            self.log(f"[{stage.name}] epoch {epoch + 1}/{epochs}  loss {means.get('loss', float('nan')):.4f}"
+                     f"  val acc {val_acc:.4f}  {epoch_time:.1f}s")
+            if val_acc > best_acc:
+                best_acc, best_epoch = val_acc, epoch
+                best_state = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
+            for sched in schedulers:
+                sched.step()
+            if patience and epoch - best_epoch >= patience:
+                self.log(f"[{stage.name}] early stop: no better validation accuracy for {patience} epochs")
+                break
+        if best_state is not None:
+            stage.module.load_state_dict(best_state)
+        result = StageResult(stage.name, best_epoch, best_acc, epoch + 1, train_seconds, history)
+        self.stages[stage.name] = result
+        return result

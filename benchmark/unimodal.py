@@ -1,0 +1,121 @@
+"""Unimodal training shared by ``unimodal``, ``ensemble``, UDI's anchor phase and MCR's
+initialisation: one encoder + linear head trained with CE.
+
+A trained unimodal model is cached under the run's cache directory, keyed by everything that
+determines its weights (dataset and its options, seed, modality, encoder, optimiser settings,
+epochs, batch size, patience). A later run with the same key loads the checkpoint instead of
+training again, and says so in its record.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.config import config_hash
+from benchmark.device import seeded
+from benchmark.method import Batch, EvalOutput, Stage, StepContext
+
+if TYPE_CHECKING:
+    from benchmark.method import Method
+    from benchmark.trainer import Trainer
+
+# Shared options that determine a unimodal model's weights (see unimodal_key).
+_KEY_FIELDS = ("dataset", "dataset_options", "seed", "epochs", "batch_size", "optimizer", "lr",
+               "momentum", "weight_decay", "scheduler", "step_size", "gamma", "patience", "amp")
+
+
+class UnimodalModel(nn.Module):
+    """Encoder + linear head for one modality."""
+
+    def __init__(self, modality: str, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.modality = modality
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.out_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.encoder(x)
+        return self.head(feats), feats
+
+
+def seed_key(modality: str) -> str:
+    return f"unimodal/{modality}"
+
+
+def build_unimodal(method: Method, modality: str) -> UnimodalModel:
+    """A freshly initialised unimodal model, built under the modality's own seed stream so that
+    every method that trains this modality from scratch starts from the same weights."""
+    with seeded(method.cfg.seed, seed_key(modality)):
+        return UnimodalModel(modality, method.make_encoder(modality), method.info.num_classes)
+
+
+def unimodal_stage(model: UnimodalModel, **overrides: Any) -> Stage:
+    m = model.modality
+
+    def step(batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        logits, _ = model(batch[m])
+        return {"loss": F.cross_entropy(logits, batch["label"])}
+
+    def predict(batch: Batch) -> torch.Tensor:
+        return model(batch[m])[0]
+
+    fields = dict(name=f"unimodal:{m}", module=model, step=step, predict=predict,
+                  seed_key=seed_key(m), modalities=[m])
+    fields.update(overrides)
+    return Stage(**fields)
+
+
+def unimodal_eval(model: UnimodalModel, batch: Batch) -> EvalOutput:
+    logits, feats = model(batch[model.modality])
+    return EvalOutput(logits, {model.modality: logits}, {model.modality: feats})
+
+
+def unimodal_key(method: Method, modality: str) -> dict[str, Any]:
+    cfg = method.cfg.to_dict()
+    key = {name: cfg[name] for name in _KEY_FIELDS}
+    key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v1")
+    return key
+
+
+def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[UnimodalModel, dict[str, Any]]:
+    """Train (or reuse) the unimodal model of ``modality``; returns it with facts for the record:
+    best validation accuracy, epochs, whether it was reused and from where."""
+    model = build_unimodal(method, modality)
+    key = unimodal_key(method, modality)
+    path = Path(trainer.cache_dir, "unimodal", f"{config_hash(key)}.pt") if trainer.cache_dir else None
+    if path is not None and path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            model.load_state_dict(saved["state"])
+            model.to(trainer.device)
+            trainer.log(f"[unimodal:{modality}] reused checkpoint {path}")
+            info = dict(saved["info"], reused=True, checkpoint=str(path))
+            trainer.history.extend(saved.get("history", []))
+            return model, info
+    result = trainer.fit(unimodal_stage(model))
+    info = {"modality": modality, "val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+    if path is not None:
+        _save_atomic(path, {"key": key, "state": {k: v.cpu() for k, v in model.state_dict().items()},
+                            "info": info, "history": result.history})
+    return model, dict(info, reused=False, checkpoint=str(path) if path else None)
+
+
+def _save_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+

@@ -1,0 +1,1 @@
+"""UDI: Unidirectional Dynamic Interaction (registered on import)."""
