@@ -4,7 +4,7 @@ exit status 2; a diverging run gives exit status 3 and a record marked failed.""
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib
 import json
 import sys
 from typing import Any, NoReturn
@@ -12,6 +12,11 @@ from typing import Any, NoReturn
 from benchmark.config import RunConfig, build_config, options_help, parse_assignments
 from benchmark.errors import DivergedError, UsageError
 from benchmark.registry import DATASETS, METHODS, list_datasets, list_encoders, list_fusions, list_methods
+
+
+# Modules that add sub-commands: each has ``register(subparsers)``, which adds its parser(s)
+# with ``set_defaults(handler=function(args) -> exit status)``.
+SUBCOMMAND_MODULES: tuple[str, ...] = ("benchmark.quick",)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -58,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--print-record", action="store_true", help="print the whole record as JSON on stdout")
 
+    run.set_defaults(handler=cmd_run)
+
     lst = sub.add_parser("list", help="list registered methods, datasets, encoders and fusion heads")
     lst.add_argument("kind", nargs="?", choices=("methods", "datasets", "encoders", "fusions"))
+    lst.set_defaults(handler=cmd_list)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -111,14 +121,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list}
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return COMMANDS[args.command](args)
+        return args.handler(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -127,9 +134,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def register_command(name: str, handler: Any) -> None:
-    """Let other modules add sub-commands (sweep, report, tune, data) without editing main()."""
-    COMMANDS[name] = handler
-
-
-__all__ = ["build_parser", "main", "register_command", "dataclasses"]
+__all__ = ["OneLineParser", "build_parser", "main"]
