@@ -140,7 +140,7 @@ def apply_overrides(target: Any, overrides: dict[str, Any], prefix: str = "") ->
     for name, value in overrides.items():
         if name not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            raise UsageError(f"unknown option {prefix}{name!r}; known options: {known}")
+            raise UsageError(f"unknown option {prefix + name!r}; known options: {known}")
         setattr(target, name, coerce(value, fields[name].type, prefix + name))
 
 
