@@ -13,7 +13,6 @@ from benchmark.config import RunConfig, build_config, options_help, parse_assign
 from benchmark.errors import DivergedError, UsageError
 from benchmark.registry import DATASETS, METHODS, list_datasets, list_encoders, list_fusions, list_methods
 
-
 # Modules that add sub-commands: each has ``register(subparsers)``, which adds its parser(s)
 # with ``set_defaults(handler=function(args) -> exit status)``.
 SUBCOMMAND_MODULES: tuple[str, ...] = ("benchmark.quick",)

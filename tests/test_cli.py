@@ -80,8 +80,9 @@ def test_module_entry_point_exit_status(tmp_path: Path) -> None:
 
 
 def test_help_lists_every_shared_option(capsys) -> None:
-    from benchmark.config import RunConfig
     import dataclasses
+
+    from benchmark.config import RunConfig
 
     code, out, _ = run_cli(["run", "--help"], capsys)
     assert code == 0

@@ -1,5 +1,6 @@
 """Datasets: the in-memory split types, the builder interface and the registered datasets."""
 
+from benchmark.data import synthetic  # noqa: F401  (registers "synthetic")
 from benchmark.data.base import (
     DataInfo,
     ModalitySpec,
@@ -10,7 +11,6 @@ from benchmark.data.base import (
     stratified_split,
 )
 from benchmark.data.builder import DatasetBuilder, create_dataset, resolve_dataset_options
-from benchmark.data import synthetic  # noqa: F401  (registers "synthetic")
 
 __all__ = [
     "DataInfo",
