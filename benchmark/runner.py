@@ -45,14 +45,16 @@ class PreparedRun:
         return config_hash({k: v for k, v in self.resolved.items() if k not in NOT_IN_KEY})
 
 
-def prepare(cfg: RunConfig) -> PreparedRun:
-    """Check and resolve everything a run needs before any training: raises UsageError."""
+def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
+    """Check and resolve everything a run needs before any training: raises UsageError.
+    ``data``: the dataset already loaded with ``cfg.dataset_options`` (a sweep loads it once)."""
     cfg.validate()
     device = pick_device(cfg.device)
     dataset_options = resolve_dataset_options(cfg.dataset, cfg.dataset_options)
     for name in cfg.encoder.values():
         ENCODERS.get(name)
-    data = create_dataset(cfg.dataset, cfg.dataset_options)
+    if data is None:
+        data = create_dataset(cfg.dataset, cfg.dataset_options)
     method = create_method(cfg.method, data.info, cfg)
     resolved = cfg.to_dict()
     resolved["method_options"] = options_of(method.options)
@@ -112,8 +114,10 @@ def evaluate(run: PreparedRun, trainer: Trainer) -> dict[str, Any]:
 
 
 def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
-            cache_dir: str | None = None) -> dict[str, Any]:
-    """Train and evaluate; returns the result record (status ok). Raises DivergedError."""
+            cache_dir: str | None = None,
+            on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate; returns the result record (status ok). Raises DivergedError.
+    ``on_epoch_end(row)`` sees each per-epoch history row (tuning prunes from it)."""
     cfg = run.cfg
     make_deterministic()
     seed_everything(cfg.seed)
@@ -122,6 +126,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run.data, run.device, log=log, cache_dir=cache_dir)
+    trainer.on_epoch_end = on_epoch_end
     method = run.method
     method.device = run.device
     with seeded(cfg.seed, f"method/{cfg.method}/build"):

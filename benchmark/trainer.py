@@ -61,6 +61,8 @@ class Trainer:
         self.stages: dict[str, StageResult] = {}
         self.epoch_seconds: list[float] = []
         self.data_wait_seconds = 0.0
+        # Called with each per-epoch history row (e.g. to prune a tuning trial); may raise.
+        self.on_epoch_end: Callable[[dict[str, Any]], None] | None = None
 
     # --- helpers a step may call ------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -212,6 +214,8 @@ class Trainer:
                 row.update(stage.epoch_log())
             history.append(row)
             self.history.append(row)
+            if self.on_epoch_end:
+                self.on_epoch_end(row)
             self.log(f"[{stage.name}] epoch {epoch + 1}/{epochs}  loss {means.get('loss', float('nan')):.4f}"
                      f"  val acc {val_acc:.4f}  {epoch_time:.1f}s")
             if val_acc > best_acc:
