@@ -10,7 +10,9 @@ training again, and says so in its record.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,23 +91,70 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
     best validation accuracy, epochs, whether it was reused and from where."""
     model = build_unimodal(method, modality)
     key = unimodal_key(method, modality)
-    path = Path(trainer.cache_dir, "unimodal", f"{config_hash(key)}.pt") if trainer.cache_dir else None
-    if path is not None and path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("key") == key:
-            model.load_state_dict(saved["state"])
-            model.to(trainer.device)
-            trainer.log(f"[unimodal:{modality}] reused checkpoint {path}")
-            info = dict(saved["info"], reused=True, checkpoint=str(path))
-            trainer.history.extend(saved.get("history", []))
-            return model, info
-    result = trainer.fit(unimodal_stage(model))
-    info = {"modality": modality, "val_accuracy": result.best_val_accuracy,
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-    if path is not None:
+    if not trainer.cache_dir:
+        result = trainer.fit(unimodal_stage(model))
+        return model, dict(_facts(modality, result), reused=False, checkpoint=None)
+    path = Path(trainer.cache_dir, "unimodal", f"{config_hash(key)}.pt")
+    lock = path.with_suffix(".lock")
+    # Another process (a parallel sweep worker) may be training the same model: wait for its
+    # checkpoint rather than training it twice.
+    while not path.exists() and not _claim(lock):
+        time.sleep(0.2)
+    try:
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                model.load_state_dict(saved["state"])
+                model.to(trainer.device)
+                trainer.log(f"[unimodal:{modality}] reused checkpoint {path}")
+                trainer.history.extend(saved.get("history", []))
+                return model, dict(saved["info"], reused=True, checkpoint=str(path))
+        result = trainer.fit(unimodal_stage(model))
+        info = _facts(modality, result)
         _save_atomic(path, {"key": key, "state": {k: v.cpu() for k, v in model.state_dict().items()},
                             "info": info, "history": result.history})
-    return model, dict(info, reused=False, checkpoint=str(path) if path else None)
+        return model, dict(info, reused=False, checkpoint=str(path))
+    finally:
+        if lock.exists() and lock.read_text().strip() == _owner():
+            lock.unlink()
+
+
+def _facts(modality: str, result: Any) -> dict[str, Any]:
+    return {"modality": modality, "val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claim(lock: Path) -> bool:
+    """Create ``lock`` exclusively; a lock left by a dead process on this host is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            host, pid = lock.read_text().strip().rsplit(":", 1)
+        except (OSError, ValueError):
+            return False  # being written right now
+        if host == socket.gethostname() and not _alive(int(pid)):
+            lock.unlink(missing_ok=True)
+            return _claim(lock)
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(_owner())
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _save_atomic(path: Path, obj: Any) -> None:

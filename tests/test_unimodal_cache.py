@@ -1,0 +1,61 @@
+"""Unimodal trainings are shared: a second method (or process) reuses the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmark.config import build_config
+from benchmark.runner import execute, prepare
+
+
+def test_ensemble_reuses_the_unimodal_runs_checkpoint(tiny: dict, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    first = execute(prepare(build_config(dict(tiny, method="unimodal", **{"method.modality": "m1"}))),
+                    cache_dir=cache)
+    assert first["method_record"]["unimodal"]["m1"]["reused"] is False
+    ens = execute(prepare(build_config(dict(tiny, method="ensemble"))), cache_dir=cache)
+    facts = ens["method_record"]["unimodal"]
+    assert facts["m1"]["reused"] is True and facts["m0"]["reused"] is False
+    assert facts["m1"]["val_accuracy"] == first["method_record"]["unimodal"]["m1"]["val_accuracy"]
+    assert ens["metrics"]["unimodal_accuracy"]["m1"] == first["metrics"]["accuracy"]
+    # a different optimiser setting is a different model: no reuse
+    other = execute(prepare(build_config(dict(tiny, method="ensemble", lr=0.02))), cache_dir=cache)
+    assert not any(f["reused"] for f in other["method_record"]["unimodal"].values())
+
+
+def test_reused_model_equals_a_fresh_training(tiny: dict, tmp_path: Path) -> None:
+    cfg = dict(tiny, method="unimodal")
+    fresh = execute(prepare(build_config(cfg)))
+    execute(prepare(build_config(cfg)), cache_dir=str(tmp_path))
+    reused = execute(prepare(build_config(cfg)), cache_dir=str(tmp_path))
+    assert reused["method_record"]["unimodal"]["m0"]["reused"] is True
+    assert reused["metrics"]["accuracy"] == fresh["metrics"]["accuracy"]
+    assert reused["metrics"]["probe_accuracy"] == fresh["metrics"]["probe_accuracy"]
+
+
+SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from benchmark.config import build_config
+from benchmark.runner import execute, prepare
+cfg = json.loads(sys.argv[1])
+r = execute(prepare(build_config(cfg)), cache_dir=sys.argv[2])
+print(json.dumps(r["method_record"]["unimodal"]["m0"]["reused"]))
+"""
+
+
+def test_two_processes_train_one_unimodal_model_once(tiny: dict, tmp_path: Path) -> None:
+    cfg = json.dumps(dict(tiny, method="unimodal", epochs=4))
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, cfg, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs == ["false", "true"]
+    assert len(list((tmp_path / "unimodal").glob("*.pt"))) == 1
+    assert not list((tmp_path / "unimodal").glob("*.lock"))
+    assert torch.load(next((tmp_path / "unimodal").glob("*.pt")), weights_only=True)["info"]["epochs_run"] == 4
