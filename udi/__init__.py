@@ -1,1 +1,3 @@
 """UDI: Unidirectional Dynamic Interaction (registered on import)."""
+
+from udi import method  # noqa: F401
