@@ -1,3 +1,3 @@
 """Baseline methods, registered on import."""
 
-from baselines import joint, unimodal  # noqa: F401
+from baselines import joint, mcr, mla, ogm_ge, unimodal  # noqa: F401

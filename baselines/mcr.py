@@ -1,0 +1,259 @@
+"""``mcr``: the multimodal competition regularizer (Kontras et al., NeurIPS 2025).
+
+``L = CE(fused) + λ_uni Σ_m CE(z_m) + λ_M · L_MIPD + w_con · L_con (+ w_ceb · L_CEB)``:
+
+- latent permutations: modality m's pooled features are permuted within the batch (σ random,
+  ``num_permutations`` of them), the others kept, and the same head gives ``p̃^(m)``; the encoders
+  run once per batch;
+- ``JSD_m = JS(p_fused ‖ p̃^(m))``, averaged over permutations and batch;
+- the game: encoder m minimises ``−JSD_m`` plus ``k·(−JSD_j)`` for every other modality j, with
+  ``k = −1`` (greedy), ``0`` (independent) or ``+1`` (collaborative); each JS term is computed with
+  every modality other than the one it trains detached (in both arguments), so its gradient reaches
+  only that encoder;
+- ``L_con``: supervised NT-Xent on the L2-normalised features of all modalities (class labels
+  define positives), temperature 0.5;
+- ``L_CEB`` (off by default): MSE between ``[f_1; …; f_M]`` and a small head's reconstruction from
+  the detached fused logits;
+- ``init="unimodal"``: encoders and unimodal heads start from unimodal checkpoints, trained (or
+  reused from the cache) through ``benchmark.unimodal.train_unimodal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.joint import FusedModel, Joint
+from benchmark.config import opt
+from benchmark.device import derive_seed, seeded
+from benchmark.errors import UsageError
+from benchmark.method import Batch, EvalOutput, Stage, StepContext
+from benchmark.registry import register_method
+from benchmark.unimodal import train_unimodal
+
+JOINT_BUILD_KEY = "method/joint/build"
+JOINT_DATA_KEY = "method/joint"
+GAMES = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}
+ALL = "*"  # routing key of a JS term whose gradient reaches every encoder
+
+
+@dataclass
+class MCROptions:
+    lambda_m: float = opt(0.1, "λ_M: weight of the permutation (JS divergence) game regularizer")
+    lambda_uni: float = opt(0.01, "λ_uni: weight of the unimodal cross-entropies (separate heads)")
+    contrastive_weight: float = opt(1.0, "weight of the supervised contrastive loss")
+    temperature: float = opt(0.5, "temperature of the supervised contrastive loss")
+    ceb_weight: float = opt(0.0, "weight of the CEB reconstruction term (0 = off)")
+    num_permutations: int = opt(32, "latent permutations per modality and batch")
+    game: str = opt("greedy", "gradient routing: greedy (k=-1), independent (k=0) or collaborative (k=1)")
+    init: str = opt("unimodal", "encoder initialisation: unimodal (from unimodal checkpoints) or scratch")
+    route_target: bool = opt(True, "detach the other modalities in the unpermuted prediction too, so a JS "
+                                   "term reaches only its encoder (false: the reference, whose unpermuted "
+                                   "prediction stays attached to every encoder)")
+
+    def validate(self) -> None:
+        for name in ("lambda_m", "lambda_uni", "contrastive_weight", "ceb_weight"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise UsageError(f"method.temperature must be > 0, got {self.temperature}")
+        if self.num_permutations < 1:
+            raise UsageError(f"method.num_permutations must be >= 1, got {self.num_permutations}")
+        if self.game not in GAMES:
+            raise UsageError(f"method.game must be one of {', '.join(GAMES)}, got {self.game!r}")
+        if self.init not in ("unimodal", "scratch"):
+            raise UsageError(f"method.init must be unimodal or scratch, got {self.init!r}")
+
+
+def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``JS(p ‖ q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)``, ``m = ½ (p + q)``."""
+    log_p = logits_p.float().log_softmax(dim=1)
+    log_q = logits_q.float().log_softmax(dim=1)
+    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, device=log_p.device))
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(dim=1)
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(dim=1)
+    return (0.5 * (kl_p + kl_q)).mean()
+
+
+def supervised_nt_xent(features: list[torch.Tensor], labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised NT-Xent on the L2-normalised rows of every modality's features.
+
+    With ``s_ij`` the cosine similarity over ``τ`` of rows i and j of the stacked set (labels
+    repeated per modality), each positive pair (i ≠ j, same label) contributes
+    ``−log(e^{s_ij} / (e^{s_ij} + Σ_{k: label_k ≠ label_i} e^{s_ik}))``; the loss is the mean over
+    positive pairs (zero when the set has no positive or no negative pair).
+    """
+    z = F.normalize(torch.cat([f.float() for f in features]), p=2, dim=1)
+    lab = labels.repeat(len(features))
+    sim = z @ z.t() / temperature
+    same = lab.unsqueeze(0) == lab.unsqueeze(1)
+    eye = torch.eye(len(lab), dtype=torch.bool, device=z.device)
+    pos = same & ~eye
+    neg = ~same
+    if not pos.any() or not neg.any():
+        return sim.sum() * 0.0
+    neg_sim = sim.masked_fill(~neg, float("-inf"))  # row i: its negatives only
+    anchors, partners = pos.nonzero(as_tuple=True)
+    pos_sim = sim[anchors, partners]
+    denom = torch.logaddexp(pos_sim, torch.logsumexp(neg_sim[anchors], dim=1))
+    return (denom - pos_sim).mean()
+
+
+class CEBHead(nn.Module):
+    """Reconstructs ``[f_1; …; f_M]`` from the (detached) fused logits."""
+
+    def __init__(self, num_classes: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_classes, hidden, bias=False), nn.ReLU(),
+                                 nn.Linear(hidden, out_dim, bias=False))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.net(logits)
+
+
+@register_method("mcr")
+class MCR(Joint):
+    summary = "MCR: joint CE + latent-permutation JS game regularizer + supervised contrastive term"
+    Options = MCROptions
+    min_modalities = 2
+    # The reference's CREMA-D settings (run.sh); the shared configuration is never changed silently.
+    recommended: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 32,
+    }
+
+    def check(self) -> None:
+        if self.options.contrastive_weight > 0:
+            with seeded(self.cfg.seed, "method/mcr/check"):  # leaves the global RNG untouched
+                dims = {m: self.make_encoder(m).out_dim for m in self.modalities}
+            if len(set(dims.values())) > 1:
+                shown = ", ".join(f"{m}: {d}" for m, d in dims.items())
+                raise UsageError(
+                    f"mcr's contrastive term compares features across modalities, which need the same "
+                    f"size (got {shown}); choose encoders with equal out_dim or set method.contrastive_weight=0"
+                )
+
+    def build(self) -> nn.Module:
+        with seeded(self.cfg.seed, JOINT_BUILD_KEY):  # joint's encoders and head for this seed
+            super().build()
+        model: FusedModel = self.model
+        dims = {m: enc.out_dim for m, enc in model.encoders.items()}
+        with seeded(self.cfg.seed, f"method/{self.name}/build/extra"):
+            model.unimodal_heads = nn.ModuleDict(
+                {m: nn.Linear(d, self.info.num_classes) for m, d in dims.items()})
+            if self.options.ceb_weight > 0:
+                model.ceb = CEBHead(self.info.num_classes, max(dims.values()), sum(dims.values()))
+        self._perm_gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, f"method/{self.name}/perm"))
+        return self.model
+
+    # --- the regularizer ---------------------------------------------------------------------
+    def routed_logits(self, feats: dict[str, torch.Tensor], attached: str,
+                      readouts: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Fused logits whose gradient reaches only modality ``attached`` (``ALL``: every one).
+
+        Linear heads (concat, sum) are the sum of their unimodal readouts: the readouts of the
+        other modalities are detached. Other heads see the other modalities' features detached.
+        """
+        if readouts is not None:
+            return sum(z if attached in (ALL, m) else z.detach() for m, z in readouts.items())
+        return self.model.head({m: f if attached in (ALL, m) else f.detach() for m, f in feats.items()})
+
+    def permutations(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """``num_permutations`` random permutations of the batch, stacked and flattened."""
+        perms = [torch.randperm(batch_size, generator=self._perm_gen) for _ in range(self.options.num_permutations)]
+        return torch.cat(perms).to(device)
+
+    def js_terms(self, feats: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+        """``{(routed encoder or ALL, permuted modality): JSD}`` for the configured game."""
+        head = self.model.head
+        linear = getattr(head, "has_unimodal_readout", False)
+        readouts = head.unimodal_logits(feats) if linear else None
+        n = next(iter(feats.values())).shape[0]
+        p = self.options.num_permutations
+        game = self.options.game
+        routes = {ALL} if game == "collaborative" else set(self.modalities)
+        targets = {k: self.routed_logits(feats, k if self.options.route_target else ALL, readouts).repeat(p, 1)
+                   for k in routes}
+        terms: dict[tuple[str, str], torch.Tensor] = {}
+        for m in self.modalities:
+            perm = self.permutations(n, next(iter(feats.values())).device)
+            if readouts is not None:  # a linear head: permuting f_m permutes its readout rows
+                shuffled_r = {j: (z[perm] if j == m else z.repeat(p, 1)) for j, z in readouts.items()}
+                shuffled_f: dict[str, torch.Tensor] = {}
+            else:
+                shuffled_r = None
+                shuffled_f = {j: (f[perm] if j == m else f.repeat(p, 1)) for j, f in feats.items()}
+            for k in sorted(routes):
+                if game == "independent" and k != m:
+                    continue
+                terms[(k, m)] = js_divergence(targets[k], self.routed_logits(shuffled_f, k, shuffled_r))
+        return terms
+
+    def game_regularizer(self, terms: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+        """``Σ_m [−JSD[enc m, perm m] − k Σ_{j≠m} JSD[enc j, perm m]]`` (collaborative: ``−Σ_m JSD[all, perm m]``)."""
+        k = GAMES[self.options.game]
+        total = torch.zeros((), device=next(iter(terms.values())).device)
+        for (route, m), value in terms.items():
+            if route in (ALL, m):
+                total = total - value
+            else:
+                total = total - k * value
+        return total
+
+    # --- training ----------------------------------------------------------------------------
+    def training_step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        o = self.options
+        y = batch["label"]
+        feats = self.encode(batch)
+        logits = self.model.head(feats)
+        ce = F.cross_entropy(logits, y)
+        loss = ce
+        out: dict[str, torch.Tensor] = {"ce": ce.detach()}
+        if o.lambda_uni > 0:
+            uni = sum(F.cross_entropy(self.model.unimodal_heads[m](f), y) for m, f in feats.items())
+            loss = loss + o.lambda_uni * uni
+            out["unimodal_ce"] = uni.detach()
+        if o.lambda_m > 0:
+            terms = self.js_terms(feats)
+            reg = self.game_regularizer(terms)
+            loss = loss + o.lambda_m * reg
+            out["game_reg"] = reg.detach()
+            for (route, m), value in terms.items():
+                if route in (ALL, m):
+                    out[f"jsd_{m}"] = value.detach()
+        if o.contrastive_weight > 0:
+            con = supervised_nt_xent([feats[m] for m in self.modalities], y, o.temperature)
+            loss = loss + o.contrastive_weight * con
+            out["contrastive"] = con.detach()
+        if o.ceb_weight > 0:
+            recon = self.model.ceb(logits.detach().float())
+            ceb = F.mse_loss(torch.cat([feats[m].float() for m in self.modalities], dim=1), recon)
+            loss = loss + o.ceb_weight * ceb
+            out["ceb"] = ceb.detach()
+        out["loss"] = loss
+        return out
+
+    def stage(self) -> Stage:
+        stage = super().stage()
+        stage.seed_key = JOINT_DATA_KEY  # joint's data order
+        return stage
+
+    def run(self, trainer: Any) -> dict[str, Any]:
+        facts: dict[str, Any] = {"init": self.options.init}
+        if self.options.init == "unimodal":
+            infos = {}
+            for m in self.modalities:
+                uni, infos[m] = train_unimodal(trainer, self, m)
+                self.model.encoders[m].load_state_dict(uni.encoder.state_dict())
+                self.model.unimodal_heads[m].load_state_dict(uni.head.state_dict())
+            facts["unimodal"] = infos
+        trainer.fit(self.stage())
+        return facts
+
+    def eval_forward(self, batch: Batch) -> EvalOutput:
+        logits, feats = self.forward(batch)
+        unimodal = {m: self.model.unimodal_heads[m](f) for m, f in feats.items()}
+        return EvalOutput(logits, unimodal, feats)
