@@ -142,6 +142,8 @@ class Trainer:
         """Train one stage; afterwards ``stage.module`` holds its best-validation weights."""
         cfg = self.cfg
         stage.module.to(self.device)
+        if self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in stage.module.modules()):
+            stage.module.to(memory_format=torch.channels_last)  # faster convolutions with tensor cores
         params = stage.trainable_parameters()
         optimizers = stage.make_optimizers(params) if stage.make_optimizers else [make_optimizer(params, cfg)]
         epochs = cfg.epochs if stage.epochs is None else stage.epochs

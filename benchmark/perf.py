@@ -1,0 +1,311 @@
+"""``python -m benchmark perf``: training throughput, step time and peak memory of every method,
+each as a ratio to a floor measured in the same process.
+
+The floor is a minimal hand-written PyTorch loop (zero_grad, forward, cross-entropy, backward,
+step) over the same model as ``joint``, the same in-memory data and the same batch size, with
+nothing else. Every method is run through its own ``run()`` (all its phases) for a few epochs;
+its training epochs are timed by the trainer (validation excluded) and the first epoch of each
+stage is dropped as warm-up. Methods and the floor are interleaved over repeats, and the median
+over repeats is reported, so that load on the machine affects all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmark.config import RunConfig, build_config
+from benchmark.data import DataInfo, ModalitySpec, MultimodalData, TensorSplit, create_dataset
+from benchmark.device import make_deterministic, pick_device, seed_everything, seeded
+from benchmark.method import create_method, make_optimizer
+from benchmark.registry import list_methods
+from benchmark.trainer import Trainer
+
+# Per-method options for timing: MCR from scratch (its unimodal initialisation is a separate,
+# shared phase), UDI in both controller modes.
+VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "udi": [("udi (dynamic)", {"method.controller": "dynamic"}),
+            ("udi (static)", {"method.controller": "static"})],
+}
+# Bounds of the step-time ratio to joint (None: no bound), as the suite's targets.
+BOUNDS = {"ogm_ge": 1.15, "ogm": 1.15, "mla": 1.25, "mcr": 1.5}
+UDI_BOUND = 1.5  # follower step / unimodal step of the same modality
+FLOOR_BOUND = 0.95  # joint throughput / floor throughput
+
+
+@dataclass
+class Setting:
+    name: str
+    data: MultimodalData
+    batch_size: int
+
+
+def shaped_data(audio: tuple[int, ...], visual: tuple[int, ...], n_train: int, classes: int = 6) -> MultimodalData:
+    """Random tensors of CREMA-D's shapes (audio C×F×T, visual T×C×H×W), held in memory."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> TensorSplit:
+        return TensorSplit({"audio": torch.randn(n, *audio, generator=gen),
+                            "visual": torch.randn(n, *visual, generator=gen)},
+                           torch.randint(0, classes, (n,), generator=gen))
+
+    info = DataInfo("crema-d-shaped", [ModalitySpec("audio", "spectrogram", audio, "resnet18_audio"),
+                                       ModalitySpec("visual", "frames", visual, "resnet18_visual")],
+                    classes, [str(c) for c in range(classes)])
+    return MultimodalData(info, {"train": split(n_train), "val": split(8), "test": split(8)})
+
+
+def settings(device: torch.device, which: list[str]) -> list[Setting]:
+    out = []
+    if "small" in which:
+        out.append(Setting("small (synthetic, MLP)", create_dataset("synthetic", {}), 64))
+    if "resnet" in which:
+        if device.type == "cuda":  # CREMA-D's full sizes: audio 1×257×188, 3 frames of 224×224
+            out.append(Setting("resnet18 (CREMA-D shape)", shaped_data((1, 257, 188), (3, 3, 224, 224), 1024), 64))
+        else:  # reduced on the CPU
+            out.append(Setting("resnet18 (CREMA-D shape, reduced: 1×64×48, 1×3×48×48)",
+                               shaped_data((1, 64, 48), (1, 3, 48, 48), 128), 16))
+    return out
+
+
+def _config(setting: Setting, method: str, overrides: dict[str, Any], epochs: int, device: str) -> RunConfig:
+    items = {"method": method, "dataset": setting.data.info.name, "epochs": epochs,
+             "batch_size": setting.batch_size, "device": device, "probe": False}
+    items.update(overrides)
+    return build_config(items)
+
+
+def time_method(setting: Setting, method: str, overrides: dict[str, Any], epochs: int,
+                device: torch.device, cache_dir: str | None) -> dict[str, float]:
+    """Median training-epoch seconds per stage of one full ``run()`` (first epoch dropped)."""
+    cfg = _config(setting, method, overrides, epochs, str(device))
+    seed_everything(cfg.seed)
+    trainer = Trainer(cfg, setting.data, device, cache_dir=cache_dir)
+    m = create_method(method, setting.data.info, cfg)
+    m.device = device
+    with seeded(cfg.seed, f"method/{method}/build"):
+        m.build()
+    m.model.to(device)
+    m.run(trainer)
+    per_stage: dict[str, list[float]] = {}
+    for row in trainer.history:
+        per_stage.setdefault(row["stage"], []).append(row["epoch_seconds"])
+    out = {stage: statistics.median(times[1:] or times) for stage, times in per_stage.items()}
+    out["data_wait_fraction"] = trainer.data_wait_seconds / max(sum(trainer.epoch_seconds), 1e-9)
+    return out
+
+
+def time_floor(setting: Setting, epochs: int, device: torch.device) -> float:
+    """Median epoch seconds of the minimal loop over joint's model."""
+    cfg = _config(setting, "joint", {}, epochs, str(device))
+    seed_everything(cfg.seed)
+    method = create_method("joint", setting.data.info, cfg)
+    with seeded(cfg.seed, "method/joint/build"):
+        model = method.build().to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(list(model.parameters()), cfg)
+    train = setting.data.splits["train"]
+    inputs = {m: t.to(device) for m, t in train.inputs.items()}
+    labels = train.labels.to(device)
+    encoders, head = model.encoders, model.head
+    times = []
+    for _ in range(epochs):
+        _sync(device)
+        start = time.perf_counter()
+        order = torch.randperm(len(labels), device=device)
+        for i in range(0, len(labels), setting.batch_size):
+            idx = order[i:i + setting.batch_size]
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device):
+                logits = head({m: enc(inputs[m][idx]) for m, enc in encoders.items()})
+                loss = F.cross_entropy(logits, labels[idx])
+            loss.backward()
+            opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] or times)
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def follower_stage(times: dict[str, float]) -> str | None:
+    names = [s for s in times if s != "data_wait_fraction" and not s.startswith("unimodal:")]
+    return names[-1] if names else None
+
+
+def measure(setting: Setting, device: torch.device, methods: list[str], repeats: int, epochs: int) -> list[dict[str, Any]]:
+    variants = [(label, name, over) for name in methods for label, over in VARIANTS.get(name, [(name, {})])]
+    info = setting.data.info
+    follower = info.modality_names[-1]  # UDI's follower on these data when the anchor is forced first
+    anchor_first = {"method.anchor": info.modality_names[0]}
+    samples: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
+    samples["floor"], samples["unimodal (follower)"] = [], []
+    with tempfile.TemporaryDirectory() as cache:
+        for r in range(repeats):
+            order = variants if r % 2 == 0 else variants[::-1]
+            samples["floor"].append({"floor": time_floor(setting, epochs, device)})
+            samples["unimodal (follower)"].append(time_method(
+                setting, "unimodal", {"method.modality": follower}, epochs, device, None))
+            for label, name, over in order:
+                over = dict(over, **anchor_first) if name == "udi" else over
+                # a shared cache: phases shared between methods (MCR's and UDI's unimodal
+                # training) run once, and the method's own stage is what is timed
+                samples[label].append(time_method(setting, name, over, epochs, device, cache))
+    n_train = len(setting.data.splits["train"])
+    steps = -(-n_train // setting.batch_size)
+    rows = []
+    for label, runs in samples.items():
+        stage = "floor" if label == "floor" else follower_stage(runs[0]) or next(iter(runs[0]))
+        epoch_s = statistics.median(run[stage] for run in runs)
+        rows.append({"method": label, "stage": stage, "samples_per_s": n_train / epoch_s,
+                     "step_ms": 1000 * epoch_s / steps,
+                     "data_wait": statistics.median(run.get("data_wait_fraction", 0.0) for run in runs)})
+    by = {row["method"]: row for row in rows}
+    for row in rows:
+        row["throughput_vs_floor"] = row["samples_per_s"] / by["floor"]["samples_per_s"]
+        if "joint" in by:
+            row["step_vs_joint"] = row["step_ms"] / by["joint"]["step_ms"]
+        if row["method"].startswith("udi"):
+            row["step_vs_unimodal_follower"] = row["step_ms"] / by["unimodal (follower)"]["step_ms"]
+    return rows
+
+
+def peak_memory(setting_name: str, method: str, device: str) -> float:
+    """Peak memory of 2 epochs of ``method`` in a fresh process (MB). On the CPU: growth of the
+    process's peak RSS over a process that only loaded the data and built the model."""
+    code = ("import json,sys;from benchmark.perf import _memory_probe;"
+            "print(json.dumps(_memory_probe(*sys.argv[1:])))")
+    proc = subprocess.run([sys.executable, "-c", code, setting_name, method, device],
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        return float("nan")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(which: str, method: str, device_name: str) -> float:
+    import resource
+
+    device = pick_device(device_name)
+    torch.set_num_threads(1)
+    (setting,) = settings(device, [which])
+    label_opts = dict(VARIANTS.get(method, [(method, {})])[0][1])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if method == "floor":
+        time_floor(setting, 2, device)
+    else:
+        time_method(setting, method, label_opts, 2, device, None)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def format_table(title: str, rows: list[dict[str, Any]], device: str) -> str:
+    lines = [f"### {title}", "", f"device: {device}", "",
+             "| method | samples/s | step ms | × floor throughput | step × joint | step × unimodal follower "
+             "| data wait | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    def fmt(row: dict[str, Any], key: str, spec: str = ".2f") -> str:
+        return format(row[key], spec) if key in row else ""
+
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['samples_per_s']:.0f} | {row['step_ms']:.2f} | "
+                     f"{fmt(row, 'throughput_vs_floor')} | {fmt(row, 'step_vs_joint')} | "
+                     f"{fmt(row, 'step_vs_unimodal_follower')} | {100 * row['data_wait']:.1f}% | "
+                     f"{fmt(row, 'peak_mb', '.0f')} |")
+    return "\n".join(lines)
+
+
+def check_bounds(rows: list[dict[str, Any]]) -> list[str]:
+    by = {row["method"]: row for row in rows}
+    verdicts = []
+    if "joint" in by:
+        value = by["joint"]["throughput_vs_floor"]
+        verdicts.append(f"joint throughput / floor = {value:.3f} (target >= {FLOOR_BOUND}): "
+                        f"{'met' if value >= FLOOR_BOUND else 'MISSED'}")
+    for name, bound in BOUNDS.items():
+        if name in by:
+            value = by[name]["step_vs_joint"]
+            verdicts.append(f"{name} step / joint step = {value:.3f} (target <= {bound}): "
+                            f"{'met' if value <= bound else 'MISSED'}")
+    for label in ("udi (dynamic)", "udi (static)"):
+        if label in by:
+            value = by[label]["step_vs_unimodal_follower"]
+            verdicts.append(f"{label} follower step / unimodal step = {value:.3f} (target <= {UDI_BOUND}): "
+                            f"{'met' if value <= UDI_BOUND else 'MISSED'}")
+    return verdicts
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("perf", help="throughput of every method as ratios to a minimal loop")
+    p.add_argument("--settings", default="small,resnet", help="small, resnet or both [small,resnet]")
+    p.add_argument("--methods", default="", help="comma-separated methods [all registered]")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported) [3]")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per timed run; the first is warm-up [3]")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] [auto]")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
+    p.add_argument("--out", default="reports/perf.md", help="where the table is written [reports/perf.md]")
+    p.set_defaults(handler=cmd_perf)
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from benchmark.errors import UsageError
+    from benchmark.registry import METHODS
+
+    device = pick_device(args.device)
+    which = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if not which or any(s not in ("small", "resnet") for s in which):
+        raise UsageError(f"--settings takes small and/or resnet, got {args.settings!r}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list_methods()
+    for name in methods:
+        METHODS.get(name)
+    if "joint" not in methods:
+        methods.insert(0, "joint")
+    if args.repeats < 1 or args.epochs < 2:
+        raise UsageError("--repeats must be >= 1 and --epochs >= 2 (the first epoch is warm-up)")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"folder {str(out.parent)!r} for --out does not exist; create it or change --out")
+    make_deterministic()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    sections = [f"# Throughput (`python -m benchmark perf {' '.join(sys.argv[2:])}`)".rstrip()]
+    for setting in settings(device, which):
+        print(f"measuring {setting.name} ...", file=sys.stderr, flush=True)
+        rows = measure(setting, device, methods, args.repeats, args.epochs)
+        if not args.no_memory:
+            key = "small" if setting.name.startswith("small") else "resnet"
+            for row in rows:
+                name = row["method"].split(" ")[0]
+                if name in ("unimodal", "floor") or name in methods:
+                    row["peak_mb"] = peak_memory(key, name, str(device))
+        table = format_table(setting.name, rows, device_name)
+        verdicts = check_bounds(rows)
+        print(table + "\n\n" + "\n".join(verdicts) + "\n", flush=True)
+        sections += ["", table, "", *[f"- {v}" for v in verdicts]]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(sections) + "\n")
+    tmp.replace(out)
+    print(f"written to {out}", file=sys.stderr)
+    return 0
