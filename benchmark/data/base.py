@@ -101,6 +101,14 @@ def stratified_split(
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(carved))
 
 
+# In-memory splits up to this size are permuted in one gather per epoch.
+GATHER_ONCE_BYTES = 1 << 30
+
+
+def _maybe_pin(batch: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+    return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+
 def iterate_batches(
     split: Dataset,
     batch_size: int,
@@ -117,14 +125,19 @@ def iterate_batches(
     """
     n = len(split)
     if isinstance(split, TensorSplit):
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        tensors = dict(split.inputs, label=split.labels)
+        if shuffle:
+            order = torch.randperm(n, generator=generator)
+            if sum(t.nbytes for t in tensors.values()) <= GATHER_ONCE_BYTES:
+                # one gather per epoch, then every batch is a view: no per-batch indexing cost
+                tensors = {k: t[order] for k, t in tensors.items()}
+            else:
+                for start in range(0, n, batch_size):
+                    idx = order[start : start + batch_size]
+                    yield _maybe_pin({k: t[idx] for k, t in tensors.items()}, pin_memory)
+                return
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            batch = {m: t[idx] for m, t in split.inputs.items()}
-            batch["label"] = split.labels[idx]
-            if pin_memory:
-                batch = {k: v.pin_memory() for k, v in batch.items()}
-            yield batch
+            yield _maybe_pin({k: t[start : start + batch_size] for k, t in tensors.items()}, pin_memory)
         return
     loader = DataLoader(
         split,
