@@ -307,6 +307,7 @@ class UDI(Method):
         self.anchor = choice.anchor
         anchor = self.phase1[self.anchor]
         anchor.requires_grad_(False)
+        anchor.zero_grad(set_to_none=True)  # drop the last phase-1 gradients: none may reach it now
         anchor.eval()
         self.model.units[self.anchor] = anchor
         if self.options.follower_init == "unimodal":  # until trained, a follower is its phase-1 model
