@@ -1,0 +1,194 @@
+"""Sub-commands ``sweep``, ``report`` and ``tune`` (see ``python -m benchmark <command> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmark.errors import UsageError
+
+DEFAULT_STORE = "results"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_sweep(sub)
+    _register_report(sub)
+    _register_tune(sub)
+
+
+# --- sweep -----------------------------------------------------------------------------------------
+def _register_sweep(sub: argparse._SubParsersAction) -> None:
+    from benchmark.sweep import list_sweeps
+
+    p = sub.add_parser(
+        "sweep", help="run a sweep (a grid of runs) into a result store",
+        description="Run every run of sweep NAME that the store lacks, over --jobs workers. A killed "
+                    "sweep resumes where it stopped; several sweep processes may share one store.",
+    )
+    p.add_argument("name", help=f"a packaged sweep ({', '.join(list_sweeps())}) or the path of a .toml file")
+    p.add_argument("--store", default=None,
+                   help=f"result store folder; its parent must exist [{DEFAULT_STORE}; with --smoke a "
+                        "temporary folder]")
+    p.add_argument("--dataset", action="append", default=[], help="only these datasets (comma-separated, repeatable)")
+    p.add_argument("--method", action="append", default=[], help="only these methods (comma-separated, repeatable)")
+    p.add_argument("--seed", action="append", default=[], help="only these seeds (comma-separated, repeatable)")
+    p.add_argument("--label", action="append", default=[],
+                   help="only runs whose table label matches this glob, e.g. 'udi static*' (repeatable)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs with this assignment, e.g. method.anchor=auto (repeatable)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="workers: default one per GPU, else one single-threaded worker per CPU core")
+    p.add_argument("--retry-failed", action="store_true", help="re-run the runs recorded as failed")
+    p.add_argument("--tuned", action="append", default=[], metavar="PATH",
+                   help="best-parameter file (or folder of them) written by `tune`: applied to the runs "
+                        "of its method and dataset")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny stratified subsets and few epochs, first seed only, into a temporary store "
+                        "unless --store is given: every cell of the sweep in minutes")
+    p.add_argument("--smoke-samples", type=int, default=40, help="samples per split in smoke mode [40]")
+    p.add_argument("--smoke-epochs", type=int, default=1, help="epochs (per phase) in smoke mode [1]")
+    p.add_argument("--list", action="store_true", help="print the runs and whether the store has them; run nothing")
+    p.add_argument("--no-live", action="store_true", help="one line per finished run instead of a live bar")
+    p.add_argument("--slurm", type=int, default=0, metavar="N",
+                   help="submit N SLURM jobs (through submitit), one GPU each, instead of running here")
+    p.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit executor parameter, e.g. slurm_partition=gpu or timeout_min=600")
+    p.add_argument("--slurm-wait", action="store_true", help="wait for the SLURM jobs to finish")
+    p.add_argument("--slurm-cluster", default=None, help="submitit cluster: slurm, local or debug [auto]")
+    p.set_defaults(handler=cmd_sweep)
+
+
+def _ints(values: list[str], flag: str) -> list[int]:
+    from benchmark.sweep import _split_list
+
+    out = []
+    for v in _split_list(values):
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise UsageError(f"{flag} expects integers, got {v!r}") from None
+    return out
+
+
+def _assignments(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from benchmark.store import Store
+    from benchmark.sweep import Filters, Smoke, _split_list, load_sweep, load_tuned, plan_sweep, run_plan
+
+    spec = load_sweep(args.name)
+    filters = Filters(_split_list(args.dataset), _split_list(args.method), _ints(args.seed, "--seed"),
+                      list(args.label), _assignments(args.where, "--where"))
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    smoke = None
+    if args.smoke:
+        if args.smoke_samples < 4 or args.smoke_epochs < 1:
+            raise UsageError("--smoke-samples must be >= 4 and --smoke-epochs >= 1")
+        smoke = Smoke(args.smoke_samples, args.smoke_epochs)
+    tuned = load_tuned(args.tuned)
+    store_dir = args.store or (tempfile.mkdtemp(prefix=f"bmb-smoke-{spec.name}-") if smoke else DEFAULT_STORE)
+    store = Store(store_dir)
+    if not args.list:
+        store.check_writable()
+    plan = plan_sweep(spec, store, filters, smoke, tuned)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.list:
+        status = store.status_by_key() if store.root.is_dir() else {}
+        for run in plan.runs:
+            print(f"{status.get(run.key, 'todo'):<7} {run.dataset:<16} {run.label:<40} seed {run.seed}  {run.key}")
+        print(f"{len(plan.runs)} runs", file=sys.stderr)
+        return 0
+    if args.slurm:
+        from benchmark.sweep import submit_slurm
+
+        ids = submit_slurm(plan, store, args.slurm, _assignments(args.slurm_opt, "--slurm-opt"),
+                           args.slurm_cluster, args.slurm_wait, args.retry_failed)
+        print(f"submitted {len(ids)} SLURM job(s) for {len(plan.runs)} runs: {', '.join(ids)}; "
+              f"logs in {store.root / 'slurm'}; re-run this command without --slurm to check or finish")
+        return 0
+    what = f"sweep {spec.name}" + (f" (smoke: {smoke.samples} samples per split, {smoke.epochs} epoch(s))"
+                                   if smoke else "")
+    print(f"{what}: {len(plan.runs)} runs into {store.root}", file=sys.stderr, flush=True)
+    result = run_plan(plan, store, args.jobs, args.retry_failed, live=False if args.no_live else None)
+    minutes, seconds = divmod(int(round(result.seconds)), 60)
+    print(f"{what}: {result.total} runs: {result.total - result.failed_in_store - result.busy} ok "
+          f"({result.ran - result.failed_now} new, {result.already} already in the store), "
+          f"{result.failed_in_store} failed, {result.busy} held by another process; unimodal models "
+          f"trained {result.trained}, reused {result.reused}; {minutes}m{seconds:02d}s; store {store.root}",
+          flush=True)
+    if result.failed_in_store:
+        print(f"{result.failed_in_store} runs failed (reasons in their records under {store.root / 'records'}); "
+              "--retry-failed re-runs them", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- report ----------------------------------------------------------------------------------------
+def _register_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="tables and figures from a result store (no training)",
+        description="Per dataset: mean ± std over seeds of accuracy and macro-F1, per-modality probe "
+                    "accuracies, the gap to joint with a paired test over seeds (Markdown, CSV, LaTeX), "
+                    "and figures; rewrites the results section of README.md.",
+    )
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"result store folder [{DEFAULT_STORE}]")
+    p.add_argument("--out", default="reports", help="folder for tables and figures [reports]")
+    p.add_argument("--readme", default="README.md",
+                   help="README whose results section is rewritten; 'none' leaves it [README.md]")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from benchmark.report import write_report
+
+    readme = None if args.readme.lower() == "none" else Path(args.readme)
+    written = write_report(Path(args.store), Path(args.out), readme, figures=not args.no_figures)
+    print(f"report: {len(written)} files in {args.out}" + (f"; results section of {readme} rewritten"
+                                                            if readme else ""))
+    return 0
+
+
+# --- tune -------------------------------------------------------------------------------------------
+def _register_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help="tune a method's hyperparameters with Optuna on validation accuracy",
+        description="Optuna study over the method's search space (lr, weight decay and its own options), "
+                    "maximising validation accuracy, pruning on per-epoch validation accuracy. Several "
+                    "processes (or --jobs) may work on one study; re-running resumes it. The best "
+                    "parameters are written to a JSON file that `sweep --tuned` applies.",
+    )
+    p.add_argument("--method", required=True)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--trials", type=int, required=True,
+                   help="trials in total for the study (completed or pruned), over all processes")
+    p.add_argument("--seed", type=int, default=0, help="run seed of every trial [0]")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per phase [the run default]")
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed settings for every trial (as in `run --set`)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL, e.g. postgresql://user@host/db [sqlite:///<out>/optuna.db]")
+    p.add_argument("--study", default=None, help="study name [<method>-<dataset>]")
+    p.add_argument("--out", default="tuned", help="folder for the best-parameter file and the default storage [tuned]")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine [1]")
+    p.add_argument("--sampler-seed", type=int, default=None, help="seed of the TPE sampler (per process)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from benchmark.tune import tune_command
+
+    return tune_command(args)
