@@ -1,0 +1,301 @@
+"""Hyperparameter tuning with Optuna on validation accuracy (the test split is never looked at).
+
+Each method's search space is a function of the trial returning assignments (as ``--set``): a
+``search_space(trial)`` classmethod on the method class if it has one, else the entry of
+:data:`SEARCH_SPACES` (shared optimiser settings plus the method's own options). Trials are pruned
+on the per-epoch validation accuracy (median rule). The study lives in an Optuna storage: a local
+SQLite file by default, or any database URL (PostgreSQL, MySQL) so that workers on many machines
+share one study. The trial budget counts completed and pruned trials over all workers: each
+worker takes a trial number and gives it back unused once the budget is reached, so N means N.
+Re-running the command resumes the study. The best parameters go to ``<out>/<dataset>-<method>.json``,
+which ``python -m benchmark sweep NAME --tuned FILE`` applies to that method's runs on that dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import build_config, parse_assignments
+from benchmark.errors import UsageError
+
+Space = Callable[[Any], dict[str, Any]]
+STALE_SECONDS = 600.0  # a running trial whose heartbeat is older is taken as dead
+
+
+def _shared(trial: Any) -> dict[str, Any]:
+    return {"lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
+
+
+def _with(extra: Callable[[Any], dict[str, Any]]) -> Space:
+    return lambda trial: {**_shared(trial), **extra(trial)}
+
+
+# Per method: the shared optimiser settings plus the options the method's paper tunes.
+SEARCH_SPACES: dict[str, Space] = {
+    "joint": _shared,
+    "unimodal": _shared,
+    "ensemble": _shared,
+    "multi_loss": _with(lambda t: {"method.lambda_uni": t.suggest_float("method.lambda_uni", 0.1, 3.0, log=True)}),
+    "ogm": _with(lambda t: {"method.alpha": t.suggest_float("method.alpha", 0.1, 2.0)}),
+    "ogm_ge": _with(lambda t: {"method.alpha": t.suggest_float("method.alpha", 0.1, 2.0)}),
+    "mla": _shared,
+    "mcr": _with(lambda t: {
+        "method.lambda_m": t.suggest_float("method.lambda_m", 0.01, 1.0, log=True),
+        "method.lambda_uni": t.suggest_float("method.lambda_uni", 1e-3, 1.0, log=True),
+        "method.contrastive_weight": t.suggest_float("method.contrastive_weight", 0.1, 2.0, log=True)}),
+    "udi": _with(lambda t: {
+        "method.club_lr": t.suggest_float("method.club_lr", 1e-4, 1e-2, log=True),
+        "method.club_hidden": t.suggest_categorical("method.club_hidden", [32, 64, 128])}),
+}
+
+
+def search_space(method: str) -> Space:
+    from benchmark.registry import METHODS
+
+    cls = METHODS.get(method)
+    if hasattr(cls, "search_space"):
+        return cls.search_space
+    return SEARCH_SPACES.get(method, _shared)
+
+
+# --- storage and study -----------------------------------------------------------------------------
+def make_storage(url: str) -> Any:
+    import optuna
+
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as exc:  # bad URL, missing driver, unreachable server
+        raise UsageError(f"Optuna storage {url!r} cannot be opened ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}); check the URL") from None
+
+
+def open_study(storage_url: str, name: str, fixed: dict[str, Any], sampler_seed: int | None) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=make_storage(storage_url), study_name=name, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    known = study.user_attrs.get("fixed")
+    if known is None:
+        study.set_user_attr("fixed", fixed)
+    elif known != json.loads(json.dumps(fixed, default=str)):
+        raise UsageError(f"study {name!r} was started with other fixed settings ({known}); resume it with "
+                         "the same --method/--dataset/--seed/--epochs/--set, or give another --study")
+    return study
+
+
+def _counted_states() -> tuple[Any, ...]:
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def _fail_dead_trials(study: Any) -> int:
+    """Mark as failed the running trials whose worker is gone (dead pid on this host, or no
+    heartbeat for STALE_SECONDS): they are run again."""
+    from optuna.trial import TrialState
+
+    host, now, failed = socket.gethostname(), time.time(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner", "")
+        beat = float(t.user_attrs.get("heartbeat", 0.0))
+        o_host, _, pid = owner.rpartition(":")
+        dead = (o_host == host and pid.isdigit() and not _alive(int(pid))) or now - beat > STALE_SECONDS
+        if dead:
+            try:
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                study._storage.set_trial_user_attr(t._trial_id, "error", "worker died")
+                failed += 1
+            except Exception:  # another worker did it first
+                pass
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- the objective ---------------------------------------------------------------------------------
+def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> float:
+    """Train one configuration; report per-epoch validation accuracy; return the final
+    validation accuracy of the selected checkpoint."""
+    import optuna
+
+    from benchmark.runner import execute, prepare
+
+    params = space(trial)
+    cfg = build_config({**fixed, **params})
+    run = prepare(cfg, data)
+    step = 0
+    storage = trial.study._storage
+
+    def on_epoch_end(row: dict[str, Any]) -> None:
+        nonlocal step
+        storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
+        value = row.get("val_accuracy")
+        if isinstance(value, float) and math.isfinite(value):
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {value:.4f} at step {step}")
+        step += 1
+
+    record = execute(run, on_epoch_end=on_epoch_end)
+    return float(record["metrics"]["val_accuracy"])
+
+
+def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, sampler_seed: int | None,
+         quiet: bool = False) -> int:
+    """Run trials until the study has ``trials`` completed or pruned ones; returns how many this
+    process finished."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from benchmark.data import create_dataset
+
+    study = open_study(storage_url, study_name, fixed, sampler_seed)
+    cfg = build_config(fixed)
+    data = create_dataset(cfg.dataset, cfg.dataset_options)
+    space = search_space(cfg.method)
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    done = failures = 0
+    _fail_dead_trials(study)
+    while failures <= trials:
+        counted = _counted_states()
+        if len(study.get_trials(deepcopy=False, states=counted)) >= trials:
+            break
+        trial = study.ask()
+        study._storage.set_trial_user_attr(trial._trial_id, "owner", owner)
+        study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
+        ahead = [t for t in study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
+        if len(ahead) >= trials:  # another worker took the last trial first: give this number back
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        t0 = time.perf_counter()
+        try:
+            value = run_trial(trial, fixed, data, space)
+        except optuna.TrialPruned as exc:
+            study.tell(trial, state=TrialState.PRUNED)
+            done += 1
+            _say(quiet, f"trial {trial.number} pruned ({exc}) {time.perf_counter() - t0:.1f}s")
+            continue
+        except UsageError as exc:  # a suggested value the method refuses
+            trial.set_user_attr("error", str(exc))
+            study.tell(trial, state=TrialState.FAIL)
+            failures += 1
+            _say(quiet, f"trial {trial.number} failed: {exc}")
+            continue
+        except Exception as exc:  # diverged (non-finite loss) or a bug: recorded, the study goes on
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            failures += 1
+            _say(quiet, f"trial {trial.number} failed: {type(exc).__name__}: {exc}")
+            continue
+        study.tell(trial, value)
+        done += 1
+        _say(quiet, f"trial {trial.number}: validation accuracy {value:.4f} {trial.params} "
+                    f"{time.perf_counter() - t0:.1f}s")
+    return done
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _worker_main(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int,
+                 sampler_seed: int | None, quiet: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    work(storage_url, study_name, fixed, trials, sampler_seed, quiet)
+
+
+def best_file(out: Path, method: str, dataset: str) -> Path:
+    return out / f"{dataset}-{method}.json"
+
+
+def write_best(study: Any, path: Path, fixed: dict[str, Any], storage_url: str) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    from benchmark.runner import write_json_atomic
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise UsageError(f"study {study.study_name!r} has no completed trial yet; run more trials")
+    best = study.best_trial
+    states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (TrialState.COMPLETE, TrialState.PRUNED)}
+    states["fail"] = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                         if not t.user_attrs.get("surplus"))
+    data = {"method": fixed["method"], "dataset": fixed["dataset"], "params": best.params,
+            "val_accuracy": best.value, "trial": best.number, "trials": states,
+            "study": study.study_name, "storage": storage_url, "fixed": fixed,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json_atomic(path, data)
+    return data
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    from benchmark.runner import prepare
+
+    if args.trials < 1 or args.jobs < 1:
+        raise UsageError("--trials and --jobs must be >= 1")
+    fixed: dict[str, Any] = parse_assignments(args.assignments)
+    fixed.update(method=args.method, dataset=args.dataset, seed=args.seed)
+    if args.epochs is not None:
+        fixed["epochs"] = args.epochs
+    fixed.setdefault("probe", False)  # trials are judged on validation accuracy only
+    prepare(build_config(fixed))  # every name and value checked before the study is touched
+    out = Path(args.out).expanduser()
+    if not out.exists():
+        if not out.resolve().parent.is_dir():
+            raise UsageError(f"--out parent {str(out.resolve().parent)!r} does not exist; create it")
+        out.mkdir()
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out {str(out)!r} is not writable; choose another folder")
+    storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
+    name = args.study or f"{args.method}-{args.dataset}"
+    study = open_study(storage_url, name, fixed, args.sampler_seed)  # create it (and check) once here
+    t0 = time.perf_counter()
+    if args.jobs == 1:
+        work(storage_url, name, fixed, args.trials, args.sampler_seed, args.quiet)
+    else:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(storage_url, name, fixed, args.trials,
+                                                        None if args.sampler_seed is None else args.sampler_seed + i,
+                                                        args.quiet))
+                 for i in range(args.jobs)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+    path = best_file(out, args.method, args.dataset)
+    best = write_best(study, path, fixed, storage_url)
+    counts = best["trials"]
+    print(f"tune {args.method} on {args.dataset}: study {name!r} has {counts['complete']} complete, "
+          f"{counts['pruned']} pruned, {counts['fail']} failed trials; best validation accuracy "
+          f"{best['val_accuracy']:.4f} with {best['params']} ({time.perf_counter() - t0:.0f}s) → {path}")
+    return 0
