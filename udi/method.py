@@ -58,7 +58,7 @@ class UDIOptions:
     controller_every: str = opt("epoch", "when the dynamic controller recomputes the weights: epoch "
                                          "(first mini-batch of each epoch) or an integer N (every N steps)")
     controller_eps: float = opt(1e-12, "epsilon in lambda_k = s_k / (s_con + s_com + eps)")
-    club_mode: str = opt("all_pairs", "CLUB bound: all_pairs (every other sample of the batch as a "
+    club_mode: str = opt("all_pairs", "CLUB bound: all_pairs (every sample of the batch as a "
                                       "negative) or sampled (one random negative per sample)")
     club_direction: str = opt("follower_given_anchor", "CLUB conditional: follower_given_anchor "
                               "q(f_m | f_a) or anchor_given_follower q(f_a | f_m)")
