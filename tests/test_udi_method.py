@@ -108,6 +108,9 @@ def test_record_holds_anchor_choice_and_controller_trace_on_three_modalities(tin
             assert row["lambda_con"] + row["lambda_com"] == pytest.approx(1.0, abs=1e-6) or row[
                 "controller_kept_previous"]
             assert row["controller_updates"] >= 1 and math.isfinite(row["ip_con"]) and math.isfinite(row["ip_com"])
+            s_con, s_com = max(0.0, row["ip_con"]), max(0.0, row["ip_com"])
+            if not row["controller_kept_previous"]:  # the recorded weights follow from the recorded products
+                assert row["lambda_con"] == pytest.approx(s_con / (s_con + s_com), rel=1e-9)
             for key in ("train_cls", "train_con", "train_com", "train_club_nll"):
                 assert math.isfinite(row[key])
             assert 0.0 <= row["train_con"] <= math.log(2)
