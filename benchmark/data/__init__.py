@@ -24,3 +24,6 @@ __all__ = [
     "split_labels",
     "stratified_split",
 ]
+
+# registers the digit datasets built offline and the readers of the paper datasets on disk
+from benchmark.data import av_digits, ave, cg_digits, cgmnist, crema_d, kinetics_sounds, ucf101  # noqa: E402,F401

@@ -81,6 +81,13 @@ class CacheWriter:
         np.save(path, np.ascontiguousarray(array), allow_pickle=False)
         self.files.append(path.name)
 
+    def open_array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A writable memory-mapped ``.npy`` to be filled in place (for sets larger than memory)."""
+        path = self.dir / f"{name}.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        self.files.append(path.name)
+        return array
+
 
 class DatasetCache:
     """One dataset's cache folder for one recipe."""
