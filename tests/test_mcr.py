@@ -4,12 +4,14 @@ through the shared cache, and equivalence with ``joint`` when every regularizer 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from baselines.mcr import ALL, MCR, js_divergence, supervised_nt_xent
+from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.errors import UsageError
 from benchmark.runner import execute, prepare
@@ -199,3 +201,18 @@ def test_options_are_checked(tiny: dict) -> None:
             prepare(build_config(dict(tiny, method="mcr", **{f"method.{key}": value})))
     with pytest.raises(UsageError, match="contrastive_weight"):
         prepare(build_config(dict(tiny, method="mcr", **{"encoder.m1": "resnet18_audio"})))
+
+
+def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
+    tiny = ["--set", "dataset.n_train=96", "--set", "dataset.n_val=32", "--set", "dataset.n_test=32",
+            "--epochs", "1", "--quiet", "--out", str(tmp_path)]
+    assert main(["run", "--method", "mcr", "--set", "method.game=independent", "--set", "method.init=scratch",
+                 "--set", "method.num_permutations=4", *tiny]) == 0
+    (path,) = tmp_path.glob("mcr-*.json")
+    record = json.loads(path.read_text())
+    options = record["config"]["method_options"]
+    assert options["game"] == "independent" and options["num_permutations"] == 4
+    assert options["lambda_m"] == 0.1 and options["lambda_uni"] == 0.01 and options["route_target"] is True
+    assert record["method_record"] == {"init": "scratch"}
+    assert main(["run", "--method", "mcr", "--set", "method.temperature=0", *tiny]) == 2
+    assert "method.temperature" in capsys.readouterr().err

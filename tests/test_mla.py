@@ -3,12 +3,14 @@ earlier features, M optimizer steps per batch, and the test-time fusions."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from baselines.mla import MLA, OWMProjector, entropy_weights
+from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.errors import UsageError
 from benchmark.method import StepContext
@@ -210,3 +212,16 @@ def test_projection_switch_changes_training_and_is_recorded(tiny: dict) -> None:
     assert off["config"]["method_options"]["projection"] is False
     assert on["method_record"]["projected_updates"] > 0 and off["method_record"]["projected_updates"] == 0
     assert on["history"][-1]["train_loss"] != off["history"][-1]["train_loss"]
+
+
+def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
+    tiny = ["--set", "dataset.n_train=96", "--set", "dataset.n_val=32", "--set", "dataset.n_test=32",
+            "--epochs", "1", "--quiet", "--out", str(tmp_path)]
+    assert main(["run", "--method", "mla", "--set", "method.entropy=batch", "--set", "method.projection=off",
+                 *tiny]) == 0
+    (path,) = tmp_path.glob("mla-*.json")
+    record = json.loads(path.read_text())
+    assert record["config"]["method_options"] == {"projection": False, "fusion": "entropy", "entropy": "batch"}
+    assert set(record["metrics"]["unimodal_accuracy"]) == {"m0", "m1"}
+    assert main(["run", "--method", "mla", "--set", "method.fusion=max", *tiny]) == 2
+    assert "method.fusion" in capsys.readouterr().err

@@ -3,6 +3,7 @@ window, the two-modality limit, and equivalence with ``joint`` when the modulati
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.ogm_ge import modulated_parameters, ogm_coefficients
+from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.data import DataInfo, ModalitySpec
 from benchmark.errors import UsageError
@@ -186,3 +188,16 @@ def test_training_loss_is_the_joint_cross_entropy() -> None:
     out = m.training_step(batch, SimpleNamespace(epoch=0))
     logits = m.model.head(m.encode(batch))
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, batch["label"]))
+
+
+def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
+    tiny = ["--set", "dataset.n_train=96", "--set", "dataset.n_val=32", "--set", "dataset.n_test=32",
+            "--epochs", "1", "--quiet", "--out", str(tmp_path)]
+    assert main(["run", "--method", "ogm", "--set", "method.alpha=0.3", "--set", "method.modulation_end=7",
+                 *tiny]) == 0
+    (path,) = tmp_path.glob("ogm-*.json")
+    options = json.loads(path.read_text())["config"]["method_options"]
+    assert options == {"alpha": 0.3, "modulation_start": 0, "modulation_end": 7, "noise": False, "modulate": "auto"}
+    assert main(["run", "--method", "ogm_ge", "--set", "method.alpha=-1", *tiny]) == 2
+    assert "method.alpha" in capsys.readouterr().err
+    assert not list(tmp_path.glob("ogm_ge-*.json"))
