@@ -32,7 +32,7 @@ from benchmark.registry import register_dataset
 # warp = frequency of the sine map; 0 gives a linear map, larger is harder to decode).
 PARAMS = ("share", "noise", "weight", "warp", "square", "clutter")
 PRESETS: dict[str, list[tuple[float, ...]]] = {
-    "imbalanced": [(1.0, 0.05, 0.5, 0.5, 0, 0), (0.3, 0.3, 2.0, 1.0, 1, 5.0), (0.5, 0.2, 1.0, 0.5, 0, 1.0)],
+    "imbalanced": [(1.0, 0.05, 0.5, 0.5, 0, 0), (0.3, 0.1, 2.0, 1.0, 1, 3.0), (0.5, 0.2, 1.0, 0.5, 0, 1.0)],
     "balanced": [(0.7, 0.2, 1.0, 0.5, 0, 0), (0.7, 0.2, 1.0, 0.5, 0, 0), (0.7, 0.2, 1.0, 0.5, 0, 0)],
 }
 
