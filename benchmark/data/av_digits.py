@@ -34,7 +34,7 @@ from benchmark.data.cg_digits import (
     sklearn_digits,
     splits_from_cache,
 )
-from benchmark.data.speech import LANGUAGES, SAMPLE_RATE, VARIANTS, synthesize, voice_name
+from benchmark.data.speech import LANGUAGES, SAMPLE_RATE, VARIANTS, synthesize, synthesize_many, voice_name
 from benchmark.errors import UsageError
 from benchmark.registry import register_dataset
 
@@ -77,10 +77,11 @@ def trim_silence(wave: np.ndarray, threshold: float = 0.02) -> np.ndarray:
     return wave[loud[0]: loud[-1] + 1] if len(loud) else wave
 
 
-def speak_clip(word: str, params: dict[str, Any], snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    """One 1 s clip at 22,050 Hz: the word at a random position, scaled, with colored noise."""
-    speech = trim_silence(synthesize(word, params["voice"], params["rate"], params["pitch"],
-                                     params["pitch_range"]))
+def place_clip(speech: np.ndarray, params: dict[str, Any], snr_db: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """One 1 s clip at 22,050 Hz: the trimmed word at a random position, scaled, plus colored noise
+    (white noise through a random one-pole low-pass) at ``snr_db`` relative to the word."""
+    speech = trim_silence(speech)
     length = SAMPLE_RATE
     if len(speech) > length:
         speech = speech[:length]
@@ -88,13 +89,21 @@ def speak_clip(word: str, params: dict[str, Any], snr_db: float, rng: np.random.
     clip = np.zeros(length, dtype=np.float32)
     start = int(rng.integers(0, length - len(speech) + 1))
     clip[start: start + len(speech)] = speech
-    # noise: white noise through a random one-pole low-pass (from white to brown-ish)
     white = rng.standard_normal(length + 256).astype(np.float32)
     colored = _one_pole(white, float(rng.uniform(0.0, 0.95)))[256:]
-    power = float(np.mean(speech**2))
-    noise_power = power / 10 ** (snr_db / 10)
+    noise_power = float(np.mean(speech**2)) / 10 ** (snr_db / 10)
     colored *= np.sqrt(noise_power / max(float(np.mean(colored**2)), 1e-12))
     return (clip + colored).astype(np.float32)
+
+
+def request(word: str, params: dict[str, Any]) -> tuple[str, str, int, int, int]:
+    return (word, params["voice"], params["rate"], params["pitch"], params["pitch_range"])
+
+
+def speak_clip(word: str, params: dict[str, Any], snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """One clip synthesized in this process (see :func:`benchmark.data.speech.synthesize_many` for
+    reproducible batches)."""
+    return place_clip(synthesize(*request(word, params)), params, snr_db, rng)
 
 
 def _one_pole(x: np.ndarray, a: float) -> np.ndarray:
@@ -123,7 +132,7 @@ def resample_to_16k(waves: np.ndarray) -> torch.Tensor:
 class AVDigits(DatasetBuilder):
     Options = AVDigitsOptions
     summary = "digit images + digit words spoken by eSpeak NG (AV-MNIST style; built offline)"
-    VERSION = 1
+    VERSION = 2
 
     def cache(self) -> DatasetCache:
         return DatasetCache("av-digits", recipe_of(self.options, self.VERSION), self.options.cache_dir)
@@ -134,13 +143,11 @@ class AVDigits(DatasetBuilder):
         index = carve_splits(labels, o.test_fraction, o.val_fraction, o.seed)
         rng = np.random.default_rng([o.seed, 3])
         order = np.concatenate([index[s] for s in SPLITS])
-        clips = np.zeros((len(order), SAMPLE_RATE), dtype=np.float32)
-        voices = []
-        for row, i in enumerate(order):
-            params = clip_parameters(rng)
-            snr = float(rng.uniform(o.audio_snr - o.snr_spread, o.audio_snr + o.snr_spread))
-            clips[row] = speak_clip(WORDS[labels[i]], params, snr, rng)
-            voices.append({**params, "snr_db": round(snr, 3)})
+        params = [clip_parameters(rng) for _ in order]
+        snrs = rng.uniform(o.audio_snr - o.snr_spread, o.audio_snr + o.snr_spread, len(order))
+        words = synthesize_many([request(WORDS[labels[i]], p) for i, p in zip(order, params)])
+        clips = np.stack([place_clip(w, p, float(snr), rng) for w, p, snr in zip(words, params, snrs)])
+        voices = [{**p, "snr_db": round(float(snr), 3)} for p, snr in zip(params, snrs)]
         spec = log_mel(resample_to_16k(clips), o.n_mels)
         n_train = len(index["train"])
         mean, std = spec[:n_train].mean(), spec[:n_train].std()

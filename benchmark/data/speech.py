@@ -3,12 +3,19 @@
 The PyPI package ``espeakng-loader`` ships the eSpeak NG shared library and its voice data; no
 system installation is needed. The library is initialised once per process in synchronous mode
 and returns 16-bit PCM at 22,050 Hz through a callback.
+
+eSpeak NG keeps state from one utterance to the next (e.g. the phase of its pitch flutter), so
+the same request gives slightly different samples depending on what was said before in the
+process. :func:`synthesize_many` therefore runs a whole list of requests in a fresh process:
+the same list always gives the same samples.
 """
 
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import threading
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -104,3 +111,14 @@ def synthesize(text: str, voice: str = "en", rate: int = 175, pitch: int = 50,
 
 def voice_name(language: str, variant: str) -> str:
     return f"{language}+{variant}" if variant else language
+
+
+def _synthesize_all(requests: list[tuple[str, str, int, int, int]]) -> list[np.ndarray]:
+    return [synthesize(*request) for request in requests]
+
+
+def synthesize_many(requests: list[tuple[str, str, int, int, int]]) -> list[np.ndarray]:
+    """:func:`synthesize` for each (text, voice, rate, pitch, pitch_range), run in a fresh process
+    so that the result depends on the list only."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_synthesize_all, requests).result()
