@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, bench (end-to-end run), smoke; each forwards its arguments."""
+"""Sessions: tests, lint, bench (default sweep + report), smoke (every cell, tiny), report; each forwards its arguments."""
 
 import nox
 
@@ -26,8 +26,39 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".", *session.posargs)
 
 
+def _store(args: list[str], default: str = "results") -> str:
+    """The --store given among a session's arguments (so that the report reads the same store)."""
+    for i, arg in enumerate(args):
+        if arg == "--store" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--store="):
+            return arg.split("=", 1)[1]
+    return default
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """A quick end-to-end benchmark: every method on the synthetic imbalanced preset."""
+    """The default sweep into results/ (resumes; only missing runs are trained), then the report.
+    Arguments go to `python -m benchmark sweep default` (e.g. -- --jobs 2 --store /tmp/store)."""
     install(session)
-    session.run("python", "-m", "benchmark", "bench", *session.posargs)
+    args = list(session.posargs)
+    # Exit status 1 means some runs failed (recorded with their reason): report the rest anyway.
+    session.run("python", "-m", "benchmark", "sweep", "default", *args, success_codes=[0, 1])
+    session.run("python", "-m", "benchmark", "report", "--store", _store(args))
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """Every cell of a sweep (default: `default`) on tiny subsets, one epoch, into a temporary store.
+    Arguments go to `python -m benchmark sweep`; a first argument that is not an option names the sweep."""
+    install(session)
+    args = list(session.posargs)
+    name = args.pop(0) if args and not args[0].startswith("-") else "default"
+    session.run("python", "-m", "benchmark", "sweep", name, "--smoke", "--no-live", *args)
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Tables and figures in reports/ and the README results table, from the records in results/."""
+    install(session)
+    session.run("python", "-m", "benchmark", "report", *session.posargs)

@@ -395,6 +395,8 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                         runs.append(PlannedRun(assignments, mname, dname, seed, label, options,
                                                tuned_file, key, run.key,
                                                str(store.record_path(dname, mname, seed, key))))
+    if not runs and notes:
+        raise UsageError(f"no run of sweep {spec.name} can run here: " + "; ".join(notes))
     if not runs:
         raise UsageError(f"filters {filters.describe()} match no run of sweep {spec.name}; "
                          "see `python -m benchmark sweep " + spec.name + " --list`")
