@@ -44,7 +44,7 @@ TARGET_RATE = 16000
 
 @dataclass
 class AVDigitsOptions:
-    audio_snr: float = opt(0.0, "mean signal-to-noise ratio of the speech in dB (lower = harder audio)")
+    audio_snr: float = opt(10.0, "mean signal-to-noise ratio of the speech in dB (lower = harder audio)")
     snr_spread: float = opt(4.0, "clip SNRs are drawn uniformly in audio_snr ± snr_spread dB")
     image_noise: float = opt(0.3, "std of Gaussian noise added to the digit images (pixels in [0, 1])")
     n_mels: int = opt(40, "mel bands of the spectrogram")
@@ -132,7 +132,7 @@ def resample_to_16k(waves: np.ndarray) -> torch.Tensor:
 class AVDigits(DatasetBuilder):
     Options = AVDigitsOptions
     summary = "digit images + digit words spoken by eSpeak NG (AV-MNIST style; built offline)"
-    VERSION = 2
+    VERSION = 3
 
     def cache(self) -> DatasetCache:
         return DatasetCache("av-digits", recipe_of(self.options, self.VERSION), self.options.cache_dir)

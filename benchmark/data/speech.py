@@ -13,9 +13,12 @@ the same list always gives the same samples.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
+import json
+import subprocess
+import sys
+import tempfile
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -113,12 +116,36 @@ def voice_name(language: str, variant: str) -> str:
     return f"{language}+{variant}" if variant else language
 
 
-def _synthesize_all(requests: list[tuple[str, str, int, int, int]]) -> list[np.ndarray]:
-    return [synthesize(*request) for request in requests]
-
-
 def synthesize_many(requests: list[tuple[str, str, int, int, int]]) -> list[np.ndarray]:
-    """:func:`synthesize` for each (text, voice, rate, pitch, pitch_range), run in a fresh process
-    so that the result depends on the list only."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_synthesize_all, requests).result()
+    """:func:`synthesize` for each (text, voice, rate, pitch, pitch_range), run in a fresh Python
+    process (which imports only this module) so that the result depends on the list only."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    runner = "import runpy, sys; sys.path.insert(0, sys.argv[1]); runpy.run_path(sys.argv[2], run_name='__main__')"
+    with tempfile.TemporaryDirectory(prefix="bmb-espeak-") as tmp:
+        out = Path(tmp) / "speech.npz"
+        proc = subprocess.run([sys.executable, "-c", runner, package_root, str(Path(__file__).resolve()), str(out)],
+                              input=json.dumps([list(r) for r in requests]), capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise UsageError(f"eSpeak NG synthesis failed ({last}); check that espeakng-loader is installed")
+        with np.load(out) as saved:
+            samples, lengths = saved["samples"], saved["lengths"]
+    return np.split(samples, np.cumsum(lengths)[:-1])
+
+
+def _worker(out: str) -> None:
+    requests = json.load(sys.stdin)
+    synthesize("")  # initialise, then fix the seeds of the noise sources (eSpeak seeds libc's rand by the clock)
+    assert _engine is not None
+    libc = ctypes.CDLL(None)
+    libc.srand(12345)
+    if hasattr(_engine.lib, "espeak_ng_SetRandSeed"):
+        _engine.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        _engine.lib.espeak_ng_SetRandSeed(12345)
+    waves = [synthesize(text, voice, int(rate), int(pitch), int(span)) for text, voice, rate, pitch, span in requests]
+    np.savez(out, samples=np.concatenate(waves) if waves else np.zeros(0, np.float32),
+             lengths=np.array([len(w) for w in waves], dtype=np.int64))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[-1])
