@@ -123,9 +123,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{what}: {len(plan.runs)} runs into {store.root}", file=sys.stderr, flush=True)
     result = run_plan(plan, store, args.jobs, args.retry_failed, live=False if args.no_live else None)
     minutes, seconds = divmod(int(round(result.seconds)), 60)
-    print(f"{what}: {result.total} runs: {result.total - result.failed_in_store - result.busy} ok "
-          f"({result.ran - result.failed_now} new, {result.already} already in the store), "
-          f"{result.failed_in_store} failed, {result.busy} held by another process; unimodal models "
+    print(f"{what}: {result.total} runs: {result.ok_in_store} ok ({result.ran - result.failed_now} new, "
+          f"{result.already} already in the store), {result.failed_in_store} failed, {result.missing} "
+          f"missing (held by another process); unimodal models "
           f"trained {result.trained}, reused {result.reused}; {minutes}m{seconds:02d}s; store {store.root}",
           flush=True)
     if result.failed_in_store:

@@ -458,7 +458,8 @@ def work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, An
     store = Store(spec.store)
     cache = _DataCache(spec.smoke)
     for item in items:
-        if not _needs_run(store, item, spec.retry_before):
+        if not _needs_run(store, item, spec.retry_before):  # another process has finished it
+            emit({"event": "skip", "key": item.key})
             continue
         claim = store.claim(item.key)
         if claim is None:
@@ -485,7 +486,7 @@ def work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, An
 def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache,
              prepare: Callable, execute: Callable, failed_record: Callable) -> dict[str, Any]:
     assignments = dict(item.assignments)
-    if spec.device:
+    if spec.device and str(assignments.get("device", "auto")) == "auto":
         assignments["device"] = spec.device
     assignments["cache_dir"] = str(store.cache_dir)
     t0 = time.perf_counter()
@@ -583,6 +584,8 @@ class Progress:
         if kind == "skip":  # another process finished it
             self.busy_keys.discard(event["key"])
             self.to_run -= 1
+            if self._bar is not None:
+                self._bar.update(self._task, total=self.to_run)
         if kind != "done":
             return
         self.busy_keys.discard(event["key"])
@@ -620,11 +623,12 @@ def _hms(seconds: float) -> str:
 @dataclass
 class SweepResult:
     total: int
-    already: int
-    ran: int
+    already: int  # records the store had before (ok, or failed when not retrying)
+    ran: int  # runs this process finished
     failed_now: int
-    busy: int
+    ok_in_store: int
     failed_in_store: int
+    missing: int  # no record at the end: held by another process that has not finished
     trained: int
     reused: int
     seconds: float
@@ -664,12 +668,11 @@ def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bo
             _run_processes(todo, store, jobs, devices, threads, plan.smoke, retry_before, progress)
     finally:
         progress.close()
-    failed_in_store = 0
-    for run in plan.runs:
-        record = store.read(Path(run.path)) if Path(run.path).exists() else None
-        failed_in_store += bool(record and record.get("status") == "failed")
-    return SweepResult(len(plan.runs), already, progress.done + progress.failed, progress.failed,
-                       progress.busy, failed_in_store, progress.trained, progress.reused,
+    final = [store.read(Path(r.path)) if Path(r.path).exists() else None for r in plan.runs]
+    ok = sum(1 for r in final if r and r.get("status") == "ok")
+    failed = sum(1 for r in final if r and r.get("status") == "failed")
+    return SweepResult(len(plan.runs), already, progress.finished, progress.failed, ok, failed,
+                       len(plan.runs) - ok - failed, progress.trained, progress.reused,
                        time.perf_counter() - start)
 
 

@@ -260,3 +260,13 @@ def test_two_concurrent_sweeps_share_the_grid_without_duplicates(tmp_path):
     _assert_complete(store, 12)
     ran = [int(o[0].split(" new,")[0].rsplit("(", 1)[1]) for o in outs]
     assert sum(ran) == 12 and min(ran) > 0, outs  # the work was shared
+
+
+def test_slurm_launcher_runs_workers_through_submitit(tmp_path, capsys):
+    # submitit's "debug" cluster runs the submitted worker in this process: the same code path as SLURM
+    path = write_sweep(tmp_path, "[methods.joint]\n", seeds="[0, 1]")
+    store = tmp_path / "store"
+    assert main(["sweep", str(path), "--store", str(store), "--slurm", "2", "--slurm-cluster", "debug",
+                 "--slurm-wait", "--slurm-opt", "timeout_min=5"]) == 0
+    assert "submitted 2 SLURM job(s) for 2 runs" in capsys.readouterr().out
+    _assert_complete(store, 2)  # two workers, two runs, each run once
