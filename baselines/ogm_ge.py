@@ -17,6 +17,7 @@ Encoders without conv kernels (MLPs on vector data) have their weight matrices m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,11 +74,11 @@ def ogm_coefficients(z_a: torch.Tensor, z_v: torch.Tensor, y: torch.Tensor,
     idx = torch.arange(len(y), device=y.device)
     s_a = z_a.softmax(dim=1)[idx, y].sum()
     s_v = z_v.softmax(dim=1)[idx, y].sum()
-    ratio_v = (s_v / s_a).item()
+    ratio_v = (s_v / s_a).item()  # the step's one host synchronisation: the branch needs the value
     ratio_a = 1.0 / ratio_v if ratio_v != 0 else float("inf")
     if ratio_v > 1:
-        return 1.0, 1.0 - float(torch.tanh(torch.tensor(alpha * ratio_v, dtype=torch.float64))), ratio_v
-    return 1.0 - float(torch.tanh(torch.tensor(alpha * ratio_a, dtype=torch.float64))), 1.0, ratio_v
+        return 1.0, 1.0 - math.tanh(alpha * ratio_v), ratio_v
+    return 1.0 - math.tanh(alpha * ratio_a), 1.0, ratio_v
 
 
 def modulated_parameters(encoder: nn.Module, rule: str) -> tuple[list[nn.Parameter], str]:
@@ -158,7 +159,8 @@ class OGMGE(Joint):
                     continue
                 g = p.grad
                 if self.options.noise:
-                    std = g.float().std().item() + 1e-8 if g.numel() > 1 else 1e-8
+                    # std stays on the device: no host synchronisation per tensor
+                    std = g.float().std() + 1e-8 if g.numel() > 1 else 1e-8
                     noise = torch.randn(g.shape, generator=self._generator(g.device), device=g.device,
                                         dtype=torch.float32) * std
                     p.grad = g * k + noise.to(g.dtype)

@@ -3,9 +3,15 @@ window, the two-modality limit, and equivalence with ``joint`` when the modulati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +24,7 @@ from benchmark.data import DataInfo, ModalitySpec
 from benchmark.errors import UsageError
 from benchmark.method import create_method
 from benchmark.runner import execute, prepare
+from benchmark.trainer import Trainer
 
 
 def _score(z: torch.Tensor, y: torch.Tensor) -> float:
@@ -201,3 +208,69 @@ def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
     assert main(["run", "--method", "ogm_ge", "--set", "method.alpha=-1", *tiny]) == 2
     assert "method.alpha" in capsys.readouterr().err
     assert not list(tmp_path.glob("ogm_ge-*.json"))
+
+
+# --- host-device synchronisation -----------------------------------------------------------------
+
+_SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "to")
+
+
+@contextlib.contextmanager
+def host_syncs(code_dirs: tuple[str, ...] = ("udi", "baselines")) -> Iterator[list[str]]:
+    """Records every call, made from the methods' own code, that would make the host wait for an
+    accelerator: reading a tensor's value (item, tolist, bool, float, int, nonzero) or copying it
+    between devices (cpu, numpy, .to(<device>)). On the CPU these cost nothing, so they are
+    counted, not timed."""
+    root = Path(__file__).resolve().parents[1]
+    dirs = tuple(str(root / d) + os.sep for d in code_dirs)
+    calls: list[str] = []
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _SYNCING}
+
+    def wrap(name: str, orig: Any) -> Any:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            frame = sys._getframe(1)
+            moves = name != "to" or any(isinstance(a, (torch.device, str)) for a in (*args, *kwargs.values()))
+            if frame.f_code.co_filename.startswith(dirs) and moves:
+                calls.append(f"{name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    for name in _SYNCING:
+        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    try:
+        yield calls
+    finally:
+        for name, orig in saved.items():
+            if orig is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, orig)
+
+
+def test_a_step_reads_one_value_from_the_device_the_ratio(tiny: dict) -> None:
+    """The coefficients' branch needs ρ on the host (one read per step); the noise's std, one per
+    modulated tensor, stays on the device."""
+    run = prepare(build_config(dict(tiny, method="ogm_ge")))
+    torch.manual_seed(0)
+    run.method.build()
+    stage = run.method.stage()
+    per_step: list[list[str]] = []
+    step, after = stage.step, stage.after_backward
+
+    def guarded_step(batch, ctx):
+        with host_syncs() as calls:
+            out = step(batch, ctx)
+        per_step.append(calls)
+        return out
+
+    def guarded_after(ctx):
+        with host_syncs() as calls:
+            after(ctx)
+        per_step[-1].extend(calls)
+
+    stage.step, stage.after_backward = guarded_step, guarded_after
+    Trainer(run.cfg, run.data, run.device).fit(stage)
+    assert run.method._rules["m0"] == "weights" and len(run.method._targets["m0"]) > 1  # noise on several
+    assert len(per_step) == 2 * 6
+    for calls in per_step:
+        assert len(calls) == 1 and calls[0].startswith("item at ogm_ge.py"), calls
