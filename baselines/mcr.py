@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,7 +74,7 @@ def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
     """Mean over rows of ``JS(p ‖ q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)``, ``m = ½ (p + q)``."""
     log_p = logits_p.float().log_softmax(dim=1)
     log_q = logits_q.float().log_softmax(dim=1)
-    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, device=log_p.device))
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
     kl_p = (log_p.exp() * (log_p - log_m)).sum(dim=1)
     kl_q = (log_q.exp() * (log_q - log_m)).sum(dim=1)
     return (0.5 * (kl_p + kl_q)).mean()
@@ -86,6 +87,9 @@ def supervised_nt_xent(features: list[torch.Tensor], labels: torch.Tensor, tempe
     repeated per modality), each positive pair (i ≠ j, same label) contributes
     ``−log(e^{s_ij} / (e^{s_ij} + Σ_{k: label_k ≠ label_i} e^{s_ik}))``; the loss is the mean over
     positive pairs (zero when the set has no positive or no negative pair).
+
+    Written with masks only (no data-dependent shapes or branches), so it never makes the host
+    wait for the device.
     """
     z = F.normalize(torch.cat([f.float() for f in features]), p=2, dim=1)
     lab = labels.repeat(len(features))
@@ -93,14 +97,13 @@ def supervised_nt_xent(features: list[torch.Tensor], labels: torch.Tensor, tempe
     same = lab.unsqueeze(0) == lab.unsqueeze(1)
     eye = torch.eye(len(lab), dtype=torch.bool, device=z.device)
     pos = same & ~eye
-    neg = ~same
-    if not pos.any() or not neg.any():
-        return sim.sum() * 0.0
-    neg_sim = sim.masked_fill(~neg, float("-inf"))  # row i: its negatives only
-    anchors, partners = pos.nonzero(as_tuple=True)
-    pos_sim = sim[anchors, partners]
-    denom = torch.logaddexp(pos_sim, torch.logsumexp(neg_sim[anchors], dim=1))
-    return (denom - pos_sim).mean()
+    # row i: log Σ_{k: label_k ≠ label_i} e^{s_ik}; a very negative finite fill (not −inf) keeps
+    # the value and the gradient finite when a row has no negative at all
+    neg_lse = torch.logsumexp(sim.masked_fill(same, torch.finfo(sim.dtype).min), dim=1, keepdim=True)
+    has_neg = (~same).any(dim=1, keepdim=True)
+    per_pair = torch.logaddexp(sim, neg_lse) - sim  # −log(e^{s_ij} / (e^{s_ij} + Σ_neg e^{s_ik}))
+    weight = (pos & has_neg).to(sim.dtype)
+    return (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 class CEBHead(nn.Module):
@@ -146,7 +149,7 @@ class MCR(Joint):
                 {m: nn.Linear(d, self.info.num_classes) for m, d in dims.items()})
             if self.options.ceb_weight > 0:
                 model.ceb = CEBHead(self.info.num_classes, max(dims.values()), sum(dims.values()))
-        self._perm_gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, f"method/{self.name}/perm"))
+        self._perm_gen = self._new_generator(torch.device("cpu"))  # moved to the training device on first use
         return self.model
 
     # --- the regularizer ---------------------------------------------------------------------
@@ -161,10 +164,24 @@ class MCR(Joint):
             return sum(z if attached in (ALL, m) else z.detach() for m, z in readouts.items())
         return self.model.head({m: f if attached in (ALL, m) else f.detach() for m, f in feats.items()})
 
+    def _new_generator(self, device: torch.device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(derive_seed(self.cfg.seed, f"method/{self.name}/perm"))
+        return gen
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The permutations' own generator, seeded from the run seed, on the features' device so
+        that no permutation is copied from the host at each step."""
+        if self._perm_gen.device.type != device.type:
+            self._perm_gen = self._new_generator(device)
+        return self._perm_gen
+
     def permutations(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """``num_permutations`` random permutations of the batch, stacked and flattened."""
-        perms = [torch.randperm(batch_size, generator=self._perm_gen) for _ in range(self.options.num_permutations)]
-        return torch.cat(perms).to(device)
+        gen = self._generator(device)
+        perms = [torch.randperm(batch_size, generator=gen, device=gen.device)
+                 for _ in range(self.options.num_permutations)]
+        return torch.cat(perms)
 
     def js_terms(self, feats: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
         """``{(routed encoder or ALL, permuted modality): JSD}`` for the configured game."""

@@ -4,8 +4,14 @@ through the shared cache, and equivalence with ``joint`` when every regularizer 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.errors import UsageError
 from benchmark.runner import execute, prepare
+from benchmark.trainer import Trainer
 
 
 def _method(tiny: dict, **options) -> MCR:
@@ -216,3 +223,85 @@ def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
     assert record["method_record"] == {"init": "scratch"}
     assert main(["run", "--method", "mcr", "--set", "method.temperature=0", *tiny]) == 2
     assert "method.temperature" in capsys.readouterr().err
+
+
+# --- host-device synchronisation -----------------------------------------------------------------
+
+_SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "to")
+
+
+@contextlib.contextmanager
+def host_syncs(code_dirs: tuple[str, ...] = ("udi", "baselines")) -> Iterator[list[str]]:
+    """Records every call, made from the methods' own code, that would make the host wait for an
+    accelerator: reading a tensor's value (item, tolist, bool, float, int, nonzero) or copying it
+    between devices (cpu, numpy, .to(<device>)). On the CPU these cost nothing, so they are
+    counted, not timed."""
+    root = Path(__file__).resolve().parents[1]
+    dirs = tuple(str(root / d) + os.sep for d in code_dirs)
+    calls: list[str] = []
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _SYNCING}
+
+    def wrap(name: str, orig: Any) -> Any:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            frame = sys._getframe(1)
+            moves = name != "to" or any(isinstance(a, (torch.device, str)) for a in (*args, *kwargs.values()))
+            if frame.f_code.co_filename.startswith(dirs) and moves:
+                calls.append(f"{name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    for name in _SYNCING:
+        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    try:
+        yield calls
+    finally:
+        for name, orig in saved.items():
+            if orig is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, orig)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "film"])
+def test_a_training_step_never_waits_for_the_device(tiny: dict, fusion: str) -> None:
+    """Permutations are drawn on the features' device and the contrastive loss has no
+    data-dependent branch or shape: no host read or device copy in any step."""
+    run = prepare(build_config(dict(tiny, method="mcr", fusion=fusion, **{"method.init": "scratch",
+                                                                          "method.ceb_weight": 0.5})))
+    torch.manual_seed(0)
+    run.method.build()
+    stage = run.method.stage()
+    per_step: list[list[str]] = []
+    step = stage.step
+
+    def guarded(batch, ctx):
+        with host_syncs() as calls:
+            out = step(batch, ctx)
+        per_step.append(calls)
+        return out
+
+    stage.step = guarded
+    Trainer(run.cfg, run.data, run.device).fit(stage)
+    assert len(per_step) == 2 * 6 and all(calls == [] for calls in per_step), per_step
+
+
+def test_contrastive_loss_without_negatives_or_positives_is_zero_with_finite_gradient() -> None:
+    fa = torch.randn(4, 3, requires_grad=True)
+    fb = torch.randn(4, 3, requires_grad=True)
+    same = supervised_nt_xent([fa, fb], torch.zeros(4, dtype=torch.long), 0.5)  # no negative pair
+    same.backward()
+    assert same.item() == 0.0 and torch.isfinite(fa.grad).all() and fa.grad.abs().sum() == 0
+    # a single sample per modality: the only positive pair is across modalities, no negatives
+    one = supervised_nt_xent([fa[:1], fb[:1]], torch.tensor([2]), 0.5)
+    assert one.item() == 0.0
+    # M·B rows with distinct labels within a modality: the positives are the cross-modal pairs only
+    labels = torch.arange(4)
+    value = supervised_nt_xent([fa.detach(), fb.detach()], labels, 0.5).item()
+    z = torch.nn.functional.normalize(torch.cat([fa.detach(), fb.detach()]), dim=1)
+    sim = z @ z.t() / 0.5
+    want = []
+    for i in range(8):
+        j = (i + 4) % 8
+        negatives = torch.logsumexp(torch.stack([sim[i, k] for k in range(8) if k not in (i, j)]), 0)
+        want.append((torch.logaddexp(sim[i, j], negatives) - sim[i, j]).item())
+    assert value == pytest.approx(sum(want) / 8, rel=1e-5)
