@@ -3,8 +3,14 @@ earlier features, M optimizer steps per batch, and the test-time fusions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -225,3 +231,85 @@ def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
     assert set(record["metrics"]["unimodal_accuracy"]) == {"m0", "m1"}
     assert main(["run", "--method", "mla", "--set", "method.fusion=max", *tiny]) == 2
     assert "method.fusion" in capsys.readouterr().err
+
+
+# --- host-device synchronisation -----------------------------------------------------------------
+
+_SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "to")
+
+
+@contextlib.contextmanager
+def host_syncs(code_dirs: tuple[str, ...] = ("udi", "baselines")) -> Iterator[list[str]]:
+    """Records every call, made from the methods' own code, that would make the host wait for an
+    accelerator: reading a tensor's value (item, tolist, bool, float, int, nonzero) or copying it
+    between devices (cpu, numpy, .to(<device>)). On the CPU these cost nothing, so they are
+    counted, not timed."""
+    root = Path(__file__).resolve().parents[1]
+    dirs = tuple(str(root / d) + os.sep for d in code_dirs)
+    calls: list[str] = []
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _SYNCING}
+
+    def wrap(name: str, orig: Any) -> Any:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            frame = sys._getframe(1)
+            moves = name != "to" or any(isinstance(a, (torch.device, str)) for a in (*args, *kwargs.values()))
+            if frame.f_code.co_filename.startswith(dirs) and moves:
+                calls.append(f"{name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    for name in _SYNCING:
+        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    try:
+        yield calls
+    finally:
+        for name, orig in saved.items():
+            if orig is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, orig)
+
+
+@pytest.mark.parametrize("projection", ["true", "false"])
+def test_a_training_step_never_waits_for_the_device(tiny: dict, projection: str) -> None:
+    """The projector's update and the M optimizer steps stay on the device: no host read or device
+    copy in any step."""
+    run = prepare(build_config(dict(tiny, method="mla", **{"method.projection": projection})))
+    torch.manual_seed(0)
+    run.method.build()
+    stage = run.method.stage()
+    per_step: list[list[str]] = []
+    step = stage.step
+
+    def guarded(batch, ctx):
+        with host_syncs() as calls:
+            out = step(batch, ctx)
+        per_step.append(calls)
+        return out
+
+    stage.step = guarded
+    Trainer(run.cfg, run.data, run.device).fit(stage)
+    assert len(per_step) == 2 * 6 and all(calls == [] for calls in per_step), per_step
+    assert run.method.projected_updates == (2 * 6 * 2 - 1 if projection == "true" else 0)
+
+
+def test_host_sync_guard_sees_a_read_in_method_code(tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard above can fail: a value read inside the method's step is reported."""
+    run = prepare(build_config(dict(tiny, method="mla")))
+    torch.manual_seed(0)
+    run.method.build()
+    orig = OWMProjector.update
+
+    def reading_update(self, features, alpha):
+        orig(self, features, alpha)
+        float(self.P.sum())
+
+    monkeypatch.setattr(OWMProjector, "update", reading_update)
+    stage = run.method.stage()
+    batch = next(Trainer(run.cfg, run.data, run.device).batches("train", shuffle=False))
+    ctx = StepContext(Trainer(run.cfg, run.data, run.device), stage, 0, 1, 6, [torch.optim.SGD(
+        run.method.model.parameters(), lr=0.1)])
+    with host_syncs(("baselines", "tests")) as calls:
+        stage.step(batch, ctx)
+    # two modalities: the very first projector update is skipped, the second one reads P once
+    assert len(calls) == 1 and calls[0].startswith("__float__ at test_mla.py"), calls
