@@ -3,11 +3,15 @@ record, reuse of unimodal checkpoints, options."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -202,3 +206,70 @@ def test_command_line_run_writes_the_controller_trace(tmp_path: Path, capsys: py
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "method.controller" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+# --- host-device synchronisation -----------------------------------------------------------------
+
+_SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "to")
+
+
+@contextlib.contextmanager
+def host_syncs(code_dirs: tuple[str, ...] = ("udi", "baselines")) -> Iterator[list[str]]:
+    """Records every call, made from the methods' own code, that would make the host wait for an
+    accelerator: reading a tensor's value (item, tolist, bool, float, int, nonzero) or copying it
+    between devices (cpu, numpy, .to(<device>)). On the CPU these cost nothing, so they are
+    counted, not timed."""
+    root = Path(__file__).resolve().parents[1]
+    dirs = tuple(str(root / d) + os.sep for d in code_dirs)
+    calls: list[str] = []
+    saved = {name: torch.Tensor.__dict__.get(name) for name in _SYNCING}
+
+    def wrap(name: str, orig: Any) -> Any:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            frame = sys._getframe(1)
+            moves = name != "to" or any(isinstance(a, (torch.device, str)) for a in (*args, *kwargs.values()))
+            if frame.f_code.co_filename.startswith(dirs) and moves:
+                calls.append(f"{name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    for name in _SYNCING:
+        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    try:
+        yield calls
+    finally:
+        for name, orig in saved.items():
+            if orig is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, orig)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(controller="static"),
+    dict(club_mode="sampled", club_direction="anchor_given_follower", controller_every="3"),
+])
+def test_follower_steps_never_wait_for_the_device_outside_the_controller(tiny: dict, options: dict) -> None:
+    """Only a step that computes the controller reads values (its inner products) on the host;
+    every other follower step (losses, the estimator's update, sampled negatives) stays on the
+    device."""
+    method, trainer = _phase1(_udi(tiny, **options))
+    phase = FollowerPhase(method, trainer, method.followers[0])
+    stage = phase.stage()
+    quiet, controller_steps = [], []
+    step = stage.step
+
+    def guarded(batch, ctx):
+        due = phase.controller is not None and phase.controller.due(ctx.step)
+        with host_syncs() as calls:
+            out = step(batch, ctx)
+        (controller_steps if due else quiet).append(calls)
+        return out
+
+    stage.step = guarded
+    trainer.fit(stage)
+    assert len(quiet) + len(controller_steps) == 2 * 6
+    assert quiet and all(calls == [] for calls in quiet), quiet
+    if phase.controller is not None:  # the guard does see the controller's reads
+        assert controller_steps and all(any("controller.py" in c for c in calls) for calls in controller_steps)

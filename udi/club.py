@@ -60,7 +60,7 @@ def club_upper_bound(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, mo
       mean_j (y_jd − μ_id)² = (μ_id − ȳ_d)² + v_d with ȳ, v the batch mean and (biased) variance
       of y, so the N×N pairs cost O(N·d), not O(N²·d); the value is the same.
     - ``sampled``: one negative per i, j = π(i) for a random permutation π drawn from
-      ``generator`` (CLUB-S): Î = mean_i Σ_d [(y_π(i)d − μ_id)² − (y_id − μ_id)²] / (2σ²_id).
+      ``generator``, on the generator's device (CLUB-S): Î = mean_i Σ_d [(y_π(i)d − μ_id)² − (y_id − μ_id)²] / (2σ²_id).
     """
     inv = 0.5 * torch.exp(-logvar)
     positive = ((y - mu) ** 2 * inv).sum(dim=-1)
@@ -69,7 +69,11 @@ def club_upper_bound(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, mo
         y_var = ((y - y_mean) ** 2).mean(dim=0, keepdim=True)
         negative = (((mu - y_mean) ** 2 + y_var) * inv).sum(dim=-1)
     elif mode == "sampled":
-        perm = torch.randperm(y.shape[0], generator=generator).to(y.device)
+        # drawn where the generator lives: a generator on y's device means no host-to-device copy
+        perm = torch.randperm(y.shape[0], generator=generator,
+                              device=generator.device if generator is not None else y.device)
+        if perm.device != y.device:
+            perm = perm.to(y.device, non_blocking=True)
         negative = ((y[perm] - mu) ** 2 * inv).sum(dim=-1)
     else:
         raise ValueError(f"unknown CLUB mode {mode!r}; choose one of {', '.join(CLUB_MODES)}")

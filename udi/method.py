@@ -159,7 +159,9 @@ class FollowerPhase:
             self.club_opt: torch.optim.Optimizer = torch.optim.Adam(self.club.parameters(), lr=opts.club_lr)
         else:
             self.club_opt = torch.optim.SGD(self.club.parameters(), lr=opts.club_lr, momentum=0.9)
-        self.negatives = torch.Generator().manual_seed(derive_seed(cfg.seed, f"udi/club-negatives/{modality}"))
+        # on the training device, so that a sampled negative needs no host-to-device copy per step
+        self.negatives = torch.Generator(device=self.device)
+        self.negatives.manual_seed(derive_seed(cfg.seed, f"udi/club-negatives/{modality}"))
         self.mode = controller or opts.controller
         self.static = (float(opts.lambda_con), float(opts.lambda_com))
         self.controller = (DynamicController(list(self.follower.parameters()), self.static,
