@@ -190,7 +190,7 @@ class AVDigits(DatasetBuilder):
 
     def describe(self) -> dict[str, Any]:
         return {"modalities": ["audio", "image"], "classes": 10, "size": 1797, "present": True,
-                "where": "built offline from scikit-learn + eSpeak NG"}
+                "prepared": self.cache().exists(), "where": "built offline from scikit-learn + eSpeak NG"}
 
     def prepare(self) -> str:
         data = self.load()

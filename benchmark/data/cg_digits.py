@@ -78,7 +78,8 @@ def color_modality(images: np.ndarray, labels: np.ndarray, bias: float,
 @dataclass
 class CGDigitsOptions:
     bias: float = opt(0.99, "probability that a train sample's color image has its class's own tint")
-    image_noise: float = opt(0.25, "std of Gaussian noise added to both images (pixels in [0, 1])")
+    image_noise: float = opt(0.3, "std of Gaussian noise added to the gray images (pixels in [0, 1])")
+    color_noise: float = opt(0.0, "std of Gaussian noise added to the color images")
     test_fraction: float = opt(0.2, "fraction of each class carved out as the test split")
     val_fraction: float = opt(0.1, "fraction of each class carved out as the validation split")
     seed: int = opt(0, "seed of the splits, the pairing and the tints (the data, not the run)")
@@ -87,8 +88,9 @@ class CGDigitsOptions:
     def validate(self) -> None:
         if not 0.0 <= self.bias <= 1.0:
             raise UsageError(f"dataset.bias must be in [0, 1], got {self.bias}")
-        if self.image_noise < 0:
-            raise UsageError(f"dataset.image_noise must be >= 0, got {self.image_noise}")
+        if self.image_noise < 0 or self.color_noise < 0:
+            raise UsageError(f"dataset.image_noise and dataset.color_noise must be >= 0, got {self.image_noise} "
+                             f"and {self.color_noise}")
         check_fractions(self.test_fraction, self.val_fraction)
 
 
@@ -131,9 +133,8 @@ class CGDigits(DatasetBuilder):
             imgs, y = images[idx], labels[idx]
             colored, partner, tint = color_modality(imgs, y, o.bias if split == "train" else 0.0, rng)
             gray = imgs[:, None]
-            if o.image_noise > 0:
-                gray = gray + o.image_noise * rng.standard_normal(gray.shape).astype(np.float32)
-                colored = colored + o.image_noise * rng.standard_normal(colored.shape).astype(np.float32)
+            gray = gray + o.image_noise * rng.standard_normal(gray.shape).astype(np.float32)
+            colored = colored + o.color_noise * rng.standard_normal(colored.shape).astype(np.float32)
             writer.save_array(f"{split}.gray", gray.astype(np.float32))
             writer.save_array(f"{split}.color", colored.astype(np.float32))
             writer.save_array(f"{split}.labels", y)
@@ -163,7 +164,7 @@ class CGDigits(DatasetBuilder):
 
     def describe(self) -> dict[str, Any]:
         return {"modalities": ["gray", "color"], "classes": 10, "size": 1797, "present": True,
-                "where": "built offline from scikit-learn"}
+                "prepared": self.cache().exists(), "where": "built offline from scikit-learn"}
 
     def prepare(self) -> str:
         data = self.load()
