@@ -537,28 +537,24 @@ class Progress:
     """Runs done, failed, remaining, elapsed and estimated time: a live bar on a terminal,
     one line per finished run otherwise."""
 
-    def __init__(self, total: int, already: int, to_run: int, live: bool | None = None) -> None:
-        self.total, self.already, self.to_run = total, already, to_run
+    def __init__(self, total: int, already: int, todo: list[PlannedRun], jobs: int = 1,
+                 live: bool | None = None) -> None:
+        self.total, self.already, self.to_run, self.jobs = total, already, len(todo), jobs
         self.done = self.failed = self.trained = self.reused = 0
         self.busy_keys: set[str] = set()  # held by another process when this one reached them
+        self.pending = {r.key: (r.dataset, r.method) for r in todo}
+        self.seconds: dict[tuple[str, str], list[float]] = {}
         self.start = time.perf_counter()
         self.live = sys.stderr.isatty() if live is None else live
         self._bar = None
-        if self.live and to_run:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+        if self.live and todo:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
             self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(),
                                      MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"),
-                                     TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
-                                     transient=False)
-            self._task = self._bar.add_task("sweep", total=to_run, failed=0, last="")
+                                     TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+                                     TextColumn("{task.fields[last]}"), transient=False)
+            self._task = self._bar.add_task("sweep", total=self.to_run, failed=0, eta="?", last="")
             self._bar.start()
 
     @property
@@ -574,8 +570,19 @@ class Progress:
         return max(self.to_run - self.finished, 0)
 
     def eta(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return elapsed / self.finished * self.remaining if self.finished else float("nan")
+        """Seconds left: each pending run costs the mean of finished runs of its method on its
+        dataset (else of its dataset, else of all), spread over the workers."""
+        if not self.seconds:
+            return float("nan")
+        everything = [x for v in self.seconds.values() for x in v]
+        by_dataset: dict[str, list[float]] = {}
+        for (dataset, _), values in self.seconds.items():
+            by_dataset.setdefault(dataset, []).extend(values)
+        total = 0.0
+        for dataset, method in self.pending.values():
+            values = self.seconds.get((dataset, method)) or by_dataset.get(dataset) or everything
+            total += sum(values) / len(values)
+        return total / max(self.jobs, 1)
 
     def update(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -583,12 +590,16 @@ class Progress:
             self.busy_keys.add(event["key"])
         if kind == "skip":  # another process finished it
             self.busy_keys.discard(event["key"])
+            self.pending.pop(event["key"], None)
             self.to_run -= 1
             if self._bar is not None:
                 self._bar.update(self._task, total=self.to_run)
         if kind != "done":
             return
         self.busy_keys.discard(event["key"])
+        where = self.pending.pop(event["key"], None)
+        if where is not None:
+            self.seconds.setdefault(where, []).append(float(event.get("seconds") or 0.0))
         if event["status"] == "ok":
             self.done += 1
         else:
@@ -600,7 +611,8 @@ class Progress:
             f"FAILED: {event.get('error', '')[:120]}"
         run = f"{event['label']} on {event['dataset']} seed {event['seed']}"
         if self._bar is not None:
-            self._bar.update(self._task, advance=1, failed=self.failed, last=f"{run} {what}")
+            self._bar.update(self._task, advance=1, failed=self.failed, eta=_hms(self.eta()),
+                             last=f"{run} {what}")
             return
         print(f"[{self.finished}/{self.to_run}] {event['status']:<6} {run}  {what}  "
               f"{event.get('seconds', 0.0):.1f}s | done {self.done} failed {self.failed} remaining "
@@ -659,7 +671,7 @@ def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bo
     cpu = devices == [""]
     threads = max(1, (os.cpu_count() or 1) // jobs) if cpu and jobs > 1 else 0
     retry_before = time.time() if retry_failed else 0.0
-    progress = Progress(len(plan.runs), already, len(todo), live)
+    progress = Progress(len(plan.runs), already, todo, jobs, live)
     try:
         if jobs == 1:
             work(todo, WorkerSpec(str(store.root), "" if cpu else devices[0], threads, plan.smoke,
