@@ -20,6 +20,7 @@ from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.device import seeded
 from benchmark.errors import UsageError
+from benchmark.method import StepContext
 from benchmark.runner import execute, prepare
 from benchmark.trainer import Trainer
 from udi.method import UDI, FollowerPhase
@@ -273,3 +274,27 @@ def test_follower_steps_never_wait_for_the_device_outside_the_controller(tiny: d
     assert quiet and all(calls == [] for calls in quiet), quiet
     if phase.controller is not None:  # the guard does see the controller's reads
         assert controller_steps and all(any("controller.py" in c for c in calls) for calls in controller_steps)
+
+
+@pytest.mark.parametrize("direction", ["follower_given_anchor", "anchor_given_follower"])
+def test_estimator_steps_on_its_likelihood_and_the_bound_trains_the_follower_only(tiny: dict, direction: str) -> None:
+    method, trainer = _phase1(_udi(tiny, club_direction=direction, controller="static"))
+    phase = FollowerPhase(method, trainer, method.followers[0])
+    batch = next(trainer.batches("train", shuffle=False))
+    with torch.no_grad():
+        _, f_a = phase.anchor(batch[phase.anchor_name])
+        f_m = phase.follower(batch[phase.modality])[1]
+    x, y = (f_a, f_m) if direction == "follower_given_anchor" else (f_m, f_a)
+    nll_before = phase.club.learning_loss(x, y).item()
+    out = phase.step(batch, StepContext(trainer, phase.stage(), 0, 0, 6, []))
+    # one step of the estimator's own optimizer, on the detached features, raised their likelihood
+    assert out["club_nll"].item() == pytest.approx(nll_before, rel=1e-6)
+    assert phase.club.learning_loss(x, y).item() < nll_before
+    estimator_grads = [p.grad.clone() for p in phase.club.parameters()]
+    # the follower's loss (CE + JS + CLUB bound) adds nothing to φ's gradients, and reaches the follower
+    out["loss"].backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(phase.club.parameters(), estimator_grads))
+    com_grads = torch.autograd.grad(phase.complementarity(f_a, phase.follower(batch[phase.modality])[1]),
+                                    list(phase.follower.encoder.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in com_grads)
+    assert all(p.grad is None for p in phase.anchor.parameters())
