@@ -123,9 +123,13 @@ class DatasetCache:
                 json.dump(manifest, fh, indent=1, sort_keys=True, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if self.dir.exists():  # a stale or concurrent build: replace it
-                shutil.rmtree(self.dir, ignore_errors=True)
-            os.replace(tmp, self.dir)
+            try:
+                os.rename(tmp, self.dir)
+            except OSError:
+                if (self.dir / MANIFEST).is_file():  # a concurrent build of the same recipe finished first
+                    return self.read_manifest()
+                shutil.rmtree(self.dir, ignore_errors=True)  # a stale folder without a manifest
+                os.rename(tmp, self.dir)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
