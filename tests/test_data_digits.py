@@ -117,4 +117,4 @@ def test_data_list_shows_every_dataset(capsys, tmp_path: Path, monkeypatch) -> N
     assert {"cg-digits", "av-digits", "crema-d", "kinetics-sounds", "ave", "cgmnist", "ucf101"} <= set(rows)
     assert "audio+visual" in rows["crema-d"] and " 6 " in rows["crema-d"] and " no " in rows["crema-d"]
     assert "rgb+flow" in rows["ucf101"] and " 101 " in rows["ucf101"]
-    assert " yes " in rows["cg-digits"] and "1797" in rows["av-digits"]
+    assert "yes, not prepared" in rows["cg-digits"] and "1797" in rows["av-digits"]
