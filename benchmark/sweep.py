@@ -543,6 +543,7 @@ class Progress:
         self.done = self.failed = self.trained = self.reused = 0
         self.busy_keys: set[str] = set()  # held by another process when this one reached them
         self.pending = {r.key: (r.dataset, r.method) for r in todo}
+        self.skipped: set[str] = set()
         self.seconds: dict[tuple[str, str], list[float]] = {}
         self.start = time.perf_counter()
         self.live = sys.stderr.isatty() if live is None else live
@@ -588,15 +589,20 @@ class Progress:
         kind = event["event"]
         if kind == "busy":
             self.busy_keys.add(event["key"])
-        if kind == "skip":  # another process finished it
+        if kind == "skip":  # finished by another process (or by a sibling worker: undone below)
             self.busy_keys.discard(event["key"])
-            self.pending.pop(event["key"], None)
+            if self.pending.pop(event["key"], None) is None:
+                return  # a sibling worker of this sweep finished it: counted by its "done"
+            self.skipped.add(event["key"])
             self.to_run -= 1
             if self._bar is not None:
                 self._bar.update(self._task, total=self.to_run)
         if kind != "done":
             return
         self.busy_keys.discard(event["key"])
+        if event["key"] in self.skipped:  # its "skip" from a sibling came first
+            self.skipped.discard(event["key"])
+            self.to_run += 1
         where = self.pending.pop(event["key"], None)
         if where is not None:
             self.seconds.setdefault(where, []).append(float(event.get("seconds") or 0.0))

@@ -270,3 +270,19 @@ def test_slurm_launcher_runs_workers_through_submitit(tmp_path, capsys):
                  "--slurm-wait", "--slurm-opt", "timeout_min=5"]) == 0
     assert "submitted 2 SLURM job(s) for 2 runs" in capsys.readouterr().out
     _assert_complete(store, 2)  # two workers, two runs, each run once
+
+
+def test_progress_counts_sibling_and_foreign_finishes():
+    from benchmark.sweep import PlannedRun, Progress
+
+    todo = [PlannedRun({}, "joint", "synthetic", s, "joint", {}, key=f"k{s}") for s in range(3)]
+    progress = Progress(3, 0, todo, jobs=2, live=False)
+    done = {"event": "done", "status": "ok", "label": "joint", "dataset": "synthetic", "seed": 0, "seconds": 4.0}
+    progress.update(dict(done, key="k0"))
+    progress.update({"event": "skip", "key": "k0"})  # a sibling worker saw k0's record: not a new finish
+    progress.update({"event": "skip", "key": "k1"})  # k1's "skip" arrives before its "done"
+    progress.update(dict(done, key="k1", status="failed", error="boom"))
+    assert (progress.to_run, progress.done, progress.failed, progress.remaining) == (3, 1, 1, 1)
+    assert progress.eta() == pytest.approx(4.0 / 2)  # one run left at 4 s, two workers
+    progress.update({"event": "skip", "key": "k2"})  # another sweep process finished k2
+    assert (progress.to_run, progress.remaining) == (2, 0)
