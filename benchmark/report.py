@@ -1,7 +1,8 @@
 """Tables and figures from a result store (and nothing else: no training, no dataset access).
 
 Per dataset: mean ± std over seeds of test accuracy and macro-F1, per-modality linear-probe
-accuracy and the probe gap (strongest − weakest modality), the gap to ``joint`` with a paired
+accuracy, the probe gap (strongest − weakest modality) and each probe against the same encoder
+trained alone (the ``unimodal`` runs), the gap to ``joint`` with a paired
 t-test over the seeds both have, wall time; as Markdown, CSV and LaTeX. Figures (seaborn):
 accuracy by method, per-modality probe accuracy, UDI static vs dynamic weights, UDI anchor
 sensitivity, UDI controller weights over epochs, learning curves. Where a dataset has published
@@ -98,6 +99,8 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
     """Numeric summary of one dataset's records: one row per label."""
     probes = _modalities(df, "probe:")
     base = df[df["label"] == BASELINE].groupby("seed")["accuracy"].mean()
+    alone = df[df["method"] == "unimodal"]  # each encoder trained alone: the probe it can reach
+    alone_probe = {m: alone[f"probe:{m}"].dropna().mean() * 100 for m in probes}
     rows = []
     for label, group in df.groupby("label", sort=False):
         method = group["method"].iloc[0]
@@ -114,6 +117,8 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
             if len(vals):
                 probe_means.append(row[f"probe_{mod}_mean"])
         row["probe_gap"] = max(probe_means) - min(probe_means) if len(probe_means) > 1 else math.nan
+        for mod in probes:  # how far each encoder falls short of the same encoder trained alone
+            row[f"shortfall_{mod}"] = alone_probe[mod] - row[f"probe_{mod}_mean"] if method != "unimodal" else math.nan
         if label == BASELINE or base.empty:
             row.update(delta_joint=math.nan, p_value=math.nan, pairs=0)
         else:
@@ -134,7 +139,10 @@ def _pm(mean: float, std: float) -> str:
 
 
 def _signed(x: float) -> str:
-    return "—" if x != x else f"{x:+.1f}"
+    if x != x:
+        return "—"
+    value = round(x, 1)
+    return f"{value:+.1f}" if value != 0 else "0.0"
 
 
 def _p(x: float) -> str:
@@ -150,6 +158,9 @@ def display_table(table: pd.DataFrame, probes: list[str]) -> pd.DataFrame:
         out[f"probe {mod} %"] = [_pm(m, s) for m, s in zip(table[f"probe_{mod}_mean"], table[f"probe_{mod}_std"])]
     if len(probes) > 1:
         out["probe gap"] = [_signed(x).lstrip("+") for x in table["probe_gap"]]
+    for mod in probes:
+        if table[f"shortfall_{mod}"].notna().any():
+            out[f"{mod} vs alone"] = [_signed(-x) for x in table[f"shortfall_{mod}"]]
     out["Δ joint"] = [_signed(x) for x in table["delta_joint"]]
     out["p (paired t)"] = [_p(x) for x in table["p_value"]]
     out["time s"] = [f"{x:.1f}" for x in table["seconds"]]
@@ -268,6 +279,7 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
                     errorbar="sd", ax=ax)
         ax.set(xlabel="linear-probe accuracy % per modality (frozen encoder)", ylabel="",
                title=f"{dataset}: how much each encoder learned")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title="modality")
         save(fig, "probes")
 
     udi = _udi_frame(df)
@@ -303,7 +315,7 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         sns.lineplot(curves, x="epoch", y="val_accuracy", hue="label", errorbar=None, ax=ax)
         ax.set(ylabel="validation accuracy %", title=f"{dataset}: learning curves (last stage, mean over seeds)")
-        ax.legend(fontsize=7, ncol=2)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title=None)
         save(fig, "learning-curves")
     return written
 
