@@ -145,3 +145,19 @@ def test_edited_manifest_fails_its_content_hash(tmp_path: Path, capsys) -> None:
     code, _, err = cli(["run", "--method", "joint", "--dataset", "cg-digits", "--set",
                         f"dataset.cache_dir={cache}", "--out", str(tmp_path / "runs"), "--quiet"], capsys)
     assert_one_line_error(code, err, str(folder / "manifest.json"), "content hash", f"delete {folder}")
+
+
+def test_source_changed_or_removed_after_prepare(tmp_path: Path, capsys) -> None:
+    root = ucf101(tmp_path / "release", ["ApplyEyeMakeup", "YoYo"])
+    cache = tmp_path / "cache"
+    assert prepare_cli("ucf101", root, cache, capsys)[0] == 0
+    (folder,) = list((cache / "ucf101").iterdir())
+    frame = sorted((root / "rgb" / "v_YoYo_g01_c01").iterdir())[0]  # one of the frames read
+    frame.write_bytes(frame.read_bytes() + b"\0")
+    code, _, err = prepare_cli("ucf101", root, cache, capsys)
+    assert_one_line_error(code, err, str(frame), "changed after the dataset was prepared", f"delete {folder}")
+    frame.unlink()
+    code, _, err = prepare_cli("ucf101", root, cache, capsys)
+    assert_one_line_error(code, err, str(frame), "was removed after the dataset was prepared")
+    listed = root / "ucfTrainTestlist" / "testlist01.txt"
+    assert str(listed.relative_to(root)) in json.loads((folder / "manifest.json").read_text())["sources"]

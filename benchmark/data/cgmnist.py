@@ -28,7 +28,7 @@ from benchmark.data.base import DataInfo, ModalitySpec, MultimodalData, TensorSp
 from benchmark.data.cache import CacheWriter
 from benchmark.data.cg_digits import color_modality
 from benchmark.data.media import bad_file
-from benchmark.data.ondisk import OnDiskDataset
+from benchmark.data.ondisk import OnDiskDataset, fingerprint
 from benchmark.errors import UsageError
 from benchmark.registry import register_dataset
 
@@ -106,9 +106,10 @@ class CGMNIST(OnDiskDataset):
 
     def _fill(self, root: Path, writer: CacheWriter) -> dict[str, Any]:
         o = self.options
-        data = {}
+        data, used = {}, set()
         for split, (images_name, labels_name) in FILES.items():
             images_path, labels_path = find_idx(root, images_name), find_idx(root, labels_name)
+            used.update((images_path, labels_path))
             images, labels = read_idx(images_path), read_idx(labels_path).astype(np.int64)
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise UsageError(f"{images_path} and {labels_path} do not match (shapes {images.shape} and "
@@ -136,7 +137,7 @@ class CGMNIST(OnDiskDataset):
         return {"classes": [str(c) for c in range(10)], "sizes": sizes,
                 "splits": {"train": index["train"].tolist(), "val": index["val"].tolist(),
                            "test": "all of t10k"},
-                "val_carved_from_train": True}
+                "val_carved_from_train": True, "sources": fingerprint(root, used)}
 
     def load(self) -> MultimodalData:
         cache, manifest, _ = self.ensure_cache()

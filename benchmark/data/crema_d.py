@@ -24,7 +24,7 @@ import numpy as np
 from benchmark.config import opt
 from benchmark.data.base import ModalitySpec
 from benchmark.data.media import evenly_spaced, list_frames, read_frames, read_wav, stft_log_spectrogram
-from benchmark.data.ondisk import Item, OnDiskDataset, OnDiskOptions, require
+from benchmark.data.ondisk import SOURCES, Item, OnDiskDataset, OnDiskOptions, require
 from benchmark.errors import UsageError
 from benchmark.registry import register_dataset
 
@@ -100,4 +100,5 @@ class CremaD(OnDiskDataset):
         wave = read_wav(wav, SAMPLE_RATE)
         spec = stft_log_spectrogram(wave, SAMPLE_RATE, self.options.audio_seconds, N_FFT, HOP)
         picked = [frames[i] for i in evenly_spaced(len(frames), self.options.frames)]
-        return {"audio": spec.astype(np.float16), "visual": read_frames(picked, self.options.stored_size)}
+        return {"audio": spec.astype(np.float16), "visual": read_frames(picked, self.options.stored_size),
+                SOURCES: [wav, *picked]}

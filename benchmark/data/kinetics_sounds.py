@@ -36,7 +36,7 @@ from benchmark.data.media import (
     read_frames,
     read_wav,
 )
-from benchmark.data.ondisk import Item, OnDiskDataset, OnDiskOptions, require
+from benchmark.data.ondisk import SOURCES, Item, OnDiskDataset, OnDiskOptions, require
 from benchmark.errors import UsageError
 from benchmark.registry import register_dataset
 
@@ -126,7 +126,8 @@ class AudioVisualClips(OnDiskDataset):
         else:
             spec = fbank_spectrogram(read_wav(audio, SAMPLE_RATE), SAMPLE_RATE, o.n_mels, o.audio_frames)
         picked = [frames[i] for i in evenly_spaced(len(frames), o.frames)]
-        return {"audio": spec.astype(np.float16), "visual": read_frames(picked, o.stored_size)}
+        return {"audio": spec.astype(np.float16), "visual": read_frames(picked, o.stored_size),
+                SOURCES: [audio, *picked]}
 
 
 @register_dataset("kinetics-sounds")

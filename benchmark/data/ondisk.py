@@ -64,6 +64,34 @@ class OnDiskOptions:
         return self.cache_size or max(self.image_size, round(self.image_size * 8 / 7))
 
 
+SOURCES = "_sources"  # key of the list of source files a ``decode`` read
+
+
+def fingerprint(root: Path, paths: set[Path]) -> dict[str, list[int]]:
+    """(size, modification time) of every source file read, by path relative to the root."""
+    out = {}
+    for path in sorted(paths):
+        stat = path.stat()
+        out[str(path.relative_to(root)) if path.is_relative_to(root) else str(path)] = \
+            [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
+def check_sources(root: Path, sources: dict[str, list[int]], cache_dir: Path, name: str) -> None:
+    """A prepared cache is only as good as its sources: a source file removed or changed since
+    ``prepare`` is refused (it is checked by size and modification time, not re-read)."""
+    fix = f"delete {cache_dir} and run `python -m benchmark data prepare {name} --root {root}` again"
+    for rel, (size, mtime) in sources.items():
+        path = root / rel
+        try:
+            stat = path.stat()
+        except OSError:
+            raise UsageError(f"source file {path} was removed after the dataset was prepared; restore it, "
+                             f"or {fix}") from None
+        if stat.st_size != size or stat.st_mtime_ns != mtime:
+            raise UsageError(f"source file {path} changed after the dataset was prepared; {fix}")
+
+
 def require(path: Path, listed_in: str, fix: str = "") -> Path:
     """``path`` if it exists; otherwise the one-line error for a file listed but missing."""
     if not path.exists():
@@ -151,12 +179,14 @@ class OnDiskDataset(DatasetBuilder):
             train = index["train"]
             index["train"], index["val"] = [train[i] for i in keep], [train[i] for i in val]
         storage = self.storage()
+        used = {Path(it.listed_in) for items in index.values() for it in items}
         for split in ("train", "val", "test"):
             items = index[split]
             arrays = {m: writer.open_array(f"{split}.{m}", (len(items), *shape), dtype)
                       for m, (shape, dtype) in storage.items()}
             for row, item in enumerate(items):
                 decoded = self.decode(root, item)
+                used.update(decoded.pop(SOURCES, []))
                 for m, array in arrays.items():
                     array[row] = decoded[m]
             for array in arrays.values():
@@ -168,13 +198,16 @@ class OnDiskDataset(DatasetBuilder):
             "sizes": {s: len(index[s]) for s in ("train", "val", "test")},
             "splits": {s: [it.name for it in index[s]] for s in ("train", "val", "test")},
             "val_carved_from_train": carved,
+            "sources": fingerprint(root, used),
         }
 
     def ensure_cache(self) -> tuple[DatasetCache, dict[str, Any], bool]:
         root = self.root()
         cache = self.cache(root)
         if cache.exists():
-            return cache, cache.read_manifest(), False
+            manifest = cache.read_manifest()
+            check_sources(root, manifest.get("sources", {}), cache.dir, self.registered_name)
+            return cache, manifest, False
         return cache, cache.build(lambda writer: self._fill(root, writer)), True
 
     def load(self) -> MultimodalData:

@@ -33,7 +33,7 @@ from benchmark.data.media import (
     list_frames,
     read_frames,
 )
-from benchmark.data.ondisk import Item, OnDiskDataset, OnDiskOptions, find_list, require
+from benchmark.data.ondisk import SOURCES, Item, OnDiskDataset, OnDiskOptions, find_list, require
 from benchmark.errors import UsageError
 from benchmark.registry import register_dataset
 
@@ -123,7 +123,9 @@ class UCF101(OnDiskDataset):
 
     def decode(self, root: Path, item: Item) -> dict[str, np.ndarray]:
         s = self.options.stored_size
-        rgb = read_frames(self._frames(root / "rgb" / item.name, item), s)
-        u = read_frames(self._frames(root / "flow" / "u" / item.name, item), s, mode="L")
-        v = read_frames(self._frames(root / "flow" / "v" / item.name, item), s, mode="L")
-        return {"rgb": rgb, "flow": np.concatenate([u, v], axis=1)}
+        rgb_paths = self._frames(root / "rgb" / item.name, item)
+        u_paths = self._frames(root / "flow" / "u" / item.name, item)
+        v_paths = self._frames(root / "flow" / "v" / item.name, item)
+        u, v = read_frames(u_paths, s, mode="L"), read_frames(v_paths, s, mode="L")
+        return {"rgb": read_frames(rgb_paths, s), "flow": np.concatenate([u, v], axis=1),
+                SOURCES: [*rgb_paths, *u_paths, *v_paths]}
