@@ -137,8 +137,10 @@ def _worker(out: str) -> None:
     requests = json.load(sys.stdin)
     synthesize("")  # initialise, then fix the seeds of the noise sources (eSpeak seeds libc's rand by the clock)
     assert _engine is not None
-    libc = ctypes.CDLL(None)
-    libc.srand(12345)
+    try:
+        ctypes.CDLL(None).srand(12345)
+    except (OSError, AttributeError):  # no process-wide libc handle (Windows): eSpeak's own seed only
+        pass
     if hasattr(_engine.lib, "espeak_ng_SetRandSeed"):
         _engine.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         _engine.lib.espeak_ng_SetRandSeed(12345)
