@@ -26,6 +26,29 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".", *session.posargs)
 
 
+def _install_once(session: nox.Session, *requirements: str) -> None:
+    """Install into a reused session environment only when the packaging files changed (the
+    package is installed editable, so source changes need no reinstall)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in ("pyproject.toml", "constraints.txt")))
+    digest.update(repr(requirements).encode())
+    marker = Path(session.virtualenv.location, ".bmb-installed")
+    if marker.exists() and marker.read_text() == digest.hexdigest():
+        return
+    if requirements:  # a light environment: these, and the package without its dependencies
+        session.install(*requirements)
+        session.install("--no-deps", "-e", ".")
+    else:
+        install(session)
+    marker.write_text(digest.hexdigest())
+
+
+# What `python -m benchmark.report` needs: no torch.
+REPORT_REQUIREMENTS = ("numpy>=1.24", "pandas>=2.0", "scipy>=1.10", "matplotlib>=3.7", "seaborn>=0.13")
+
+
 def _store(args: list[str], default: str = "results") -> str:
     """The --store given among a session's arguments (so that the report reads the same store)."""
     for i, arg in enumerate(args):
@@ -40,7 +63,7 @@ def _store(args: list[str], default: str = "results") -> str:
 def bench(session: nox.Session) -> None:
     """The default sweep into results/ (resumes; only missing runs are trained), then the report.
     Arguments go to `python -m benchmark sweep default` (e.g. -- --jobs 2 --store /tmp/store)."""
-    install(session)
+    _install_once(session)
     args = list(session.posargs)
     # Exit status 1 means some runs failed (recorded with their reason): report the rest anyway.
     session.run("python", "-m", "benchmark", "sweep", "default", *args, success_codes=[0, 1])
@@ -51,7 +74,7 @@ def bench(session: nox.Session) -> None:
 def smoke(session: nox.Session) -> None:
     """Every cell of a sweep (default: `default`) on tiny subsets, one epoch, into a temporary store.
     Arguments go to `python -m benchmark sweep`; a first argument that is not an option names the sweep."""
-    install(session)
+    _install_once(session)
     args = list(session.posargs)
     name = args.pop(0) if args and not args[0].startswith("-") else "default"
     session.run("python", "-m", "benchmark", "sweep", name, "--smoke", "--no-live", *args)
@@ -59,6 +82,7 @@ def smoke(session: nox.Session) -> None:
 
 @nox.session
 def report(session: nox.Session) -> None:
-    """Tables and figures in reports/ and the README results table, from the records in results/."""
-    install(session)
-    session.run("python", "-m", "benchmark", "report", *session.posargs)
+    """Tables and figures in reports/ and the README results table, from the records in results/
+    (reads the store only: a light environment without torch). Arguments go to `python -m benchmark.report`."""
+    _install_once(session, *REPORT_REQUIREMENTS)
+    session.run("python", "-m", "benchmark.report", *session.posargs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 from benchmark.errors import UsageError
 
@@ -137,28 +136,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 # --- report ----------------------------------------------------------------------------------------
 def _register_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report", help="tables and figures from a result store (no training)",
-        description="Per dataset: mean ± std over seeds of accuracy and macro-F1, per-modality probe "
-                    "accuracies, the gap to joint with a paired test over seeds (Markdown, CSV, LaTeX), "
-                    "and figures; rewrites the results section of README.md.",
-    )
-    p.add_argument("--store", default=DEFAULT_STORE, help=f"result store folder [{DEFAULT_STORE}]")
-    p.add_argument("--out", default="reports", help="folder for tables and figures [reports]")
-    p.add_argument("--readme", default="README.md",
-                   help="README whose results section is rewritten; 'none' leaves it [README.md]")
-    p.add_argument("--no-figures", action="store_true", help="tables only")
+    from benchmark.report import DESCRIPTION, add_arguments
+
+    p = sub.add_parser("report", help="tables and figures from a result store (no training)",
+                       description=DESCRIPTION)
+    add_arguments(p)
     p.set_defaults(handler=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from benchmark.report import write_report
+    from benchmark.report import report_command
 
-    readme = None if args.readme.lower() == "none" else Path(args.readme)
-    written = write_report(Path(args.store), Path(args.out), readme, figures=not args.no_figures)
-    print(f"report: {len(written)} files in {args.out}" + (f"; results section of {readme} rewritten"
-                                                            if readme else ""))
-    return 0
+    return report_command(args)
 
 
 # --- tune -------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ figures (METHODS.md), they are printed beside ours. The results section of READM
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -465,3 +467,43 @@ def update_readme(readme: Path, section: str) -> None:
     tmp = readme.with_name(f".{readme.name}.tmp")
     tmp.write_text(new)
     tmp.replace(readme)
+
+
+# --- command line (also ``python -m benchmark.report``: no torch needed) ------------------------------
+DESCRIPTION = ("Per dataset: mean ± std over seeds of accuracy and macro-F1, per-modality probe accuracies, "
+               "the gap to joint with a paired test over seeds (Markdown, CSV, LaTeX), and figures; "
+               "rewrites the results section of README.md. Reads the result store only.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default="results", help="result store folder [results]")
+    p.add_argument("--out", default="reports", help="folder for tables and figures [reports]")
+    p.add_argument("--readme", default="README.md",
+                   help="README whose results section is rewritten; 'none' leaves it [README.md]")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    readme = None if args.readme.lower() == "none" else Path(args.readme)
+    written = write_report(Path(args.store), Path(args.out), readme, figures=not args.no_figures)
+    print(f"report: {len(written)} files in {args.out}" + (f"; results section of {readme} rewritten"
+                                                            if readme else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    parser = Parser(prog="python -m benchmark.report", description=DESCRIPTION)
+    add_arguments(parser)
+    try:
+        return report_command(parser.parse_args(argv))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.errors import UsageError
-from benchmark.runner import write_json_atomic
 
 RECORDS, CLAIMS, CACHE, LOGS = "records", "claims", "cache", "logs"
 
@@ -145,6 +144,8 @@ class Store:
         return Claim(path, fd)
 
     def write(self, path: Path, record: dict[str, Any]) -> None:
+        from benchmark.runner import write_json_atomic  # (reading a store needs no torch)
+
         write_json_atomic(path, record)
 
 
