@@ -98,9 +98,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     tuned = load_tuned(args.tuned)
     store_dir = args.store or (tempfile.mkdtemp(prefix=f"bmb-smoke-{spec.name}-") if smoke else DEFAULT_STORE)
     store = Store(store_dir)
+    plan = plan_sweep(spec, store, filters, smoke, tuned)  # every value checked before the store is touched
     if not args.list:
         store.check_writable()
-    plan = plan_sweep(spec, store, filters, smoke, tuned)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.list:

@@ -152,6 +152,9 @@ def test_bad_input_messages_name_the_problem(tmp_path, capsys):
     assert "lr" in err and "fast" in err and "[methods.joint]" in err
     main(["sweep", str(path), "--store", str(tmp_path / "s"), "--method", "mla_typo"])
     assert "mla_typo" in capsys.readouterr().err
+    good = write_sweep(tmp_path, GRID, name="good")
+    assert main(["sweep", str(good), "--store", str(tmp_path / "fresh"), "--where", "method.modality=m7"]) == 2
+    assert "match no run" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
 
 
 # --- running ----------------------------------------------------------------------------------------
