@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +31,7 @@ from baselines.joint import FusedModel, Joint
 from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
+from benchmark.losses import js_divergence
 from benchmark.method import Batch, EvalOutput, Stage, StepContext
 from benchmark.registry import register_method
 from benchmark.unimodal import train_unimodal
@@ -68,16 +68,6 @@ class MCROptions:
             raise UsageError(f"method.game must be one of {', '.join(GAMES)}, got {self.game!r}")
         if self.init not in ("unimodal", "scratch"):
             raise UsageError(f"method.init must be unimodal or scratch, got {self.init!r}")
-
-
-def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``JS(p ‖ q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)``, ``m = ½ (p + q)``."""
-    log_p = logits_p.float().log_softmax(dim=1)
-    log_q = logits_q.float().log_softmax(dim=1)
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    kl_p = (log_p.exp() * (log_p - log_m)).sum(dim=1)
-    kl_q = (log_q.exp() * (log_q - log_m)).sum(dim=1)
-    return (0.5 * (kl_p + kl_q)).mean()
 
 
 def supervised_nt_xent(features: list[torch.Tensor], labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -206,7 +196,7 @@ class MCR(Joint):
             for k in sorted(routes):
                 if game == "independent" and k != m:
                     continue
-                terms[(k, m)] = js_divergence(targets[k], self.routed_logits(shuffled_f, k, shuffled_r))
+                terms[(k, m)] = js_divergence(targets[k], self.routed_logits(shuffled_f, k, shuffled_r), from_logits=True)
         return terms
 
     def game_regularizer(self, terms: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from benchmark.config import opt
 from benchmark.device import seeded
 from benchmark.errors import UsageError
+from benchmark.losses import entropy
 from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext
 from benchmark.registry import register_method
 
@@ -85,8 +86,7 @@ def entropy_weights(logits: dict[str, torch.Tensor], mode: str) -> dict[str, tor
     """Fusion weights per modality: shape (B, 1) for ``sample``, a scalar for ``batch``."""
     names = list(logits)
     if mode == "sample":
-        ent = torch.stack([-(z.float().softmax(dim=1) * z.float().log_softmax(dim=1)).sum(dim=1)
-                           for z in logits.values()], dim=1)  # B×M
+        ent = torch.stack([entropy(z) for z in logits.values()], dim=1)  # B×M
     else:
         # The reference code: softmax over the batch dimension, entropy summed over the batch.
         ent = torch.stack([-(z.float().softmax(dim=0) * z.float().log_softmax(dim=0)).sum()

@@ -11,6 +11,7 @@ from torch import nn
 
 from benchmark.config import opt
 from benchmark.errors import UsageError
+from benchmark.late_fusion import fuse
 from benchmark.method import Batch, EvalOutput, Method
 from benchmark.registry import register_method
 from benchmark.unimodal import build_unimodal, train_unimodal, unimodal_eval
@@ -67,8 +68,6 @@ class Ensemble(Method):
 
     def eval_forward(self, batch: Batch) -> EvalOutput:
         outs = [unimodal_eval(self.model[m], batch) for m in self.modalities]
-        probs = torch.stack([o.logits.float().softmax(dim=1) for o in outs]).mean(dim=0)
         unimodal = {m: o.logits for m, o in zip(self.modalities, outs)}
         features = {m: o.features[m] for m, o in zip(self.modalities, outs)}
-        # log of the mean probability: its arg-max is the ensemble's prediction
-        return EvalOutput(probs.clamp_min(1e-12).log(), unimodal, features)
+        return EvalOutput(fuse(list(unimodal.values()), "prob_mean"), unimodal, features)

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from benchmark.late_fusion import fuse
+from benchmark.losses import entropy, js_divergence
 from udi.anchor import select_anchor
 from udi.club import CLUBEstimator, club_upper_bound, club_upper_bound_pairs
 from udi.controller import DynamicController, controller_from_gradients, controller_weights, inner_product
-from udi.fusion import fuse
-from udi.losses import entropy, js_divergence
 
 # --- JS divergence ---------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from torch import nn
 from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
+from benchmark.late_fusion import FUSION_RULES, fuse
+from benchmark.losses import entropy, js_divergence
 from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext
 from benchmark.registry import register_method
 from benchmark.trainer import Trainer
@@ -32,8 +34,6 @@ from benchmark.unimodal import UnimodalModel, build_unimodal, seed_key, train_un
 from udi.anchor import select_anchor
 from udi.club import CLUB_MODES, CLUBEstimator, club_upper_bound
 from udi.controller import DynamicController
-from udi.fusion import FUSION_RULES, fuse
-from udi.losses import entropy, js_divergence
 
 CLUB_DIRECTIONS = ("follower_given_anchor", "anchor_given_follower")
 

@@ -1,10 +1,10 @@
-"""Test-time late fusion of the anchor's and the followers' heads."""
+"""Test-time late fusion of per-modality logits (UDI's anchor and followers, the ensemble)."""
 
 from __future__ import annotations
 
 import torch
 
-from udi.losses import entropy
+from benchmark.losses import entropy
 
 FUSION_RULES = ("logit_sum", "prob_mean", "entropy")
 
