@@ -61,6 +61,7 @@ class AudioVisualOptions(OnDiskOptions):
     n_mels: int = opt(128, "mel bins of the filter banks")
     audio_frames: int = opt(1024, "filter-bank frames kept (10 ms each; padded or cut)")
     classes_file: str = opt("", "text file with one class name per line (default: the pinned list)")
+    npy_normalised: bool = opt(False, "the .npy filter banks are already normalised (skip (x + 4.50) / (2 · 5.14))")
 
     def validate(self) -> None:
         super().validate()
@@ -122,7 +123,7 @@ class AudioVisualClips(OnDiskDataset):
             raise UsageError(f"{folder} (listed in {item.listed_in}) has no .jpg frames; extract its frames "
                              "or remove its entry")
         if audio.suffix == ".npy":
-            spec = read_fbank_npy(audio, o.n_mels, o.audio_frames)
+            spec = read_fbank_npy(audio, o.n_mels, o.audio_frames, normalised=o.npy_normalised)
         else:
             spec = fbank_spectrogram(read_wav(audio, SAMPLE_RATE), SAMPLE_RATE, o.n_mels, o.audio_frames)
         picked = [frames[i] for i in evenly_spaced(len(frames), o.frames)]

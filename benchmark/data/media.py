@@ -74,15 +74,17 @@ def fbank_spectrogram(wave: np.ndarray, sample_rate: int, n_mels: int, frames: i
     return normalise_fbank(fb.numpy(), n_mels, frames)
 
 
-def normalise_fbank(fb: np.ndarray, n_mels: int, frames: int) -> np.ndarray:
+def normalise_fbank(fb: np.ndarray, n_mels: int, frames: int, normalised: bool = False) -> np.ndarray:
     """(time × mel) filter banks → padded/cut, normalised 1 × mel × frames."""
     fb = fb[:frames]
     if len(fb) < frames:
         fb = np.concatenate([fb, np.zeros((frames - len(fb), n_mels), dtype=fb.dtype)])
-    return ((fb - FBANK_MEAN) / (2 * FBANK_STD)).T[None].astype(np.float32)
+    if not normalised:
+        fb = (fb - FBANK_MEAN) / (2 * FBANK_STD)
+    return fb.T[None].astype(np.float32)
 
 
-def read_fbank_npy(path: Path, n_mels: int, frames: int) -> np.ndarray:
+def read_fbank_npy(path: Path, n_mels: int, frames: int, normalised: bool = False) -> np.ndarray:
     """A precomputed per-clip fbank ``.npy`` (time × mel or mel × time)."""
     try:
         fb = np.load(path, allow_pickle=False)
@@ -93,7 +95,7 @@ def read_fbank_npy(path: Path, n_mels: int, frames: int) -> np.ndarray:
         raise bad_file(path, "filter-bank array", f"shape {fb.shape}, expected time × {n_mels}")
     if fb.shape[1] != n_mels:
         fb = fb.T
-    return normalise_fbank(fb.astype(np.float32), n_mels, frames)
+    return normalise_fbank(fb.astype(np.float32), n_mels, frames, normalised)
 
 
 # --- frames -------------------------------------------------------------------------------------
