@@ -306,3 +306,29 @@ def test_contrastive_loss_without_negatives_or_positives_is_zero_with_finite_gra
         negatives = torch.logsumexp(torch.stack([sim[i, k] for k in range(8) if k not in (i, j)]), 0)
         want.append((torch.logaddexp(sim[i, j], negatives) - sim[i, j]).item())
     assert value == pytest.approx(sum(want) / 8, rel=1e-5)
+
+
+@pytest.mark.parametrize("route_target", ["true", "false"])
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+@pytest.mark.parametrize("modalities", [2, 3])
+@pytest.mark.parametrize("game", ["greedy", "independent", "collaborative"])
+def test_scaled_regularizer_equals_the_routed_terms(tiny: dict, game: str, modalities: int, fusion: str,
+                                                    route_target: str) -> None:
+    """The training path for linear heads (one JS term per permuted modality, gradients scaled
+    per readout) has the value and every parameter gradient of the routed terms' regularizer."""
+    tiny = dict(tiny, fusion=fusion, **{"dataset.modalities": modalities})
+    method, run = _method(tiny, game=game, num_permutations=4, route_target=route_target)
+    feats = method.encode(_batch(run))
+    state = method._perm_gen.get_state()
+    routed = method.game_regularizer(method.js_terms(feats))
+    method._perm_gen.set_state(state)
+    scaled, jsd = method.scaled_game_regularizer(feats)
+    torch.testing.assert_close(scaled, routed, rtol=1e-5, atol=1e-7)
+    params = [p for p in method.model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(routed, params, retain_graph=True, allow_unused=True)
+    got = torch.autograd.grad(scaled, params, retain_graph=True, allow_unused=True)
+    for g, w in zip(got, want):
+        g = torch.zeros(()) if g is None else g
+        w = torch.zeros(()) if w is None else w
+        torch.testing.assert_close(g.expand_as(w) if g.dim() == 0 else g, w, rtol=1e-4, atol=1e-7)
+    assert set(jsd) == set(method.modalities) and all(v.item() > 0 for v in jsd.values())
