@@ -38,6 +38,17 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, epochs: int) -> Any:
     return None
 
 
+def _epoch_means(logged: dict[str, tuple[list[torch.Tensor], list[int]]]) -> dict[str, float]:
+    """Sample-weighted means of per-step scalars (one read from the device per epoch)."""
+    if not logged:
+        return {}
+    means = []
+    for values, sizes in logged.values():
+        weights = torch.tensor(sizes, dtype=torch.float32, device=values[0].device)
+        means.append((torch.stack(values).float() * weights).sum() / weights.sum())
+    return dict(zip(logged, torch.stack(means).tolist()))
+
+
 class Trainer:
     """Runs stages on one dataset and device; keeps the per-epoch history of every stage."""
 
@@ -161,8 +172,7 @@ class Trainer:
             ctx = StepContext(self, stage, epoch, 0, num_batches, optimizers)
             if stage.on_epoch_start:
                 stage.on_epoch_start(ctx)
-            totals: dict[str, torch.Tensor] = {}
-            seen = 0
+            logged: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
             start = time.perf_counter()
             waited = 0.0
             batches = self.batches("train", shuffle=True, generator=generator)
@@ -192,16 +202,16 @@ class Trainer:
                     for opt in optimizers:
                         self.optimizer_step(opt)
                 n = len(batch["label"])
-                for key, value in out.items():
-                    value = value.detach().float() * n
-                    totals[key] = totals[key] + value if key in totals else value
-                seen += n
+                for key, value in out.items():  # kept on the device; averaged once per epoch
+                    values, sizes = logged.setdefault(key, ([], []))
+                    values.append(value.detach())
+                    sizes.append(n)
                 step += 1
             epoch_time = time.perf_counter() - start
             train_seconds += epoch_time
             self.epoch_seconds.append(epoch_time)
             self.data_wait_seconds += waited
-            means = {k: (v / max(seen, 1)).item() for k, v in totals.items()}
+            means = _epoch_means(logged)
             bad = [k for k, v in means.items() if not math.isfinite(v)]
             if bad:
                 raise DivergedError(
