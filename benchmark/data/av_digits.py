@@ -9,9 +9,9 @@ drawn at random, and colored Gaussian noise is added at an SNR drawn around ``au
 Clips are resampled from 22,050 Hz to 16 kHz, cut to 1 s, and turned into log-mel spectrograms
 (torchaudio, 25 ms window, 10 ms hop), standardised with the train split's mean and std.
 
-Any voice may appear in any split; the splits are carved
-from the 1,797 images, seeded and stratified, and listed in the manifest. The whole set is
-generated once per recipe into the dataset cache and read back (hash-checked) afterwards.
+Any voice may appear in any split; the splits are carved from the 1,797 images, seeded and
+stratified, and listed in the manifest with every clip's voice parameters and SNR. The whole set
+is generated once per recipe into the dataset cache and read back (hash-checked) afterwards.
 """
 
 from __future__ import annotations
