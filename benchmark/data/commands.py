@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst.set_defaults(handler=cmd_list)
     prep = verbs.add_parser("prepare", help="decode a dataset once into the cache (or generate it)")
     prep.add_argument("name", help=f"one of: {', '.join(list_datasets())}")
-    prep.add_argument("--root", help="folder holding the release (on-disk datasets)")
+    prep.add_argument("--root", "--data-root", dest="root", help="folder holding the release (on-disk datasets)")
     prep.add_argument("--cache-dir", help="dataset cache folder (default $BMB_CACHE_DIR or "
                                           "~/.cache/balanced-mm-bench)")
     prep.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
