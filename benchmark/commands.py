@@ -159,7 +159,8 @@ def _register_tune(sub: argparse._SubParsersAction) -> None:
                     "processes (or --jobs) may work on one study; re-running resumes it. The best "
                     "parameters are written to a JSON file that `sweep --tuned` applies.",
     )
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True,
+                   help="method, or several comma-separated: one study each, all with the same --trials")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--trials", type=int, required=True,
                    help="trials in total for the study (completed or pruned), over all processes")

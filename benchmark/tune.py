@@ -259,16 +259,23 @@ def write_best(study: Any, path: Path, fixed: dict[str, Any], storage_url: str) 
 
 
 def tune_command(args: argparse.Namespace) -> int:
+    """``tune``: one study per method named in --method (comma-separated), each with the same budget."""
     from benchmark.runner import prepare
 
     if args.trials < 1 or args.jobs < 1:
         raise UsageError("--trials and --jobs must be >= 1")
-    fixed: dict[str, Any] = parse_assignments(args.assignments)
-    fixed.update(method=args.method, dataset=args.dataset, seed=args.seed)
-    if args.epochs is not None:
-        fixed["epochs"] = args.epochs
-    fixed.setdefault("probe", False)  # trials are judged on validation accuracy only
-    prepare(build_config(fixed))  # every name and value checked before the study is touched
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--method needs at least one method name")
+    fixed_by_method = {}
+    for method in methods:
+        fixed: dict[str, Any] = parse_assignments(args.assignments)
+        fixed.update(method=method, dataset=args.dataset, seed=args.seed)
+        if args.epochs is not None:
+            fixed["epochs"] = args.epochs
+        fixed.setdefault("probe", False)  # trials are judged on validation accuracy only
+        prepare(build_config(fixed))  # every name and value checked before any study is touched
+        fixed_by_method[method] = fixed
     out = Path(args.out).expanduser()
     if not out.exists():
         if not out.resolve().parent.is_dir():
@@ -277,7 +284,15 @@ def tune_command(args: argparse.Namespace) -> int:
     if not os.access(out, os.W_OK):
         raise UsageError(f"--out {str(out)!r} is not writable; choose another folder")
     storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-    name = args.study or f"{args.method}-{args.dataset}"
+    for method, fixed in fixed_by_method.items():
+        name = f"{method}-{args.dataset}" if not args.study else (
+            args.study if len(methods) == 1 else f"{args.study}-{method}")
+        _tune_one(args, method, fixed, storage_url, name, out)
+    return 0
+
+
+def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], storage_url: str, name: str,
+              out: Path) -> None:
     study = open_study(storage_url, name, fixed, args.sampler_seed)  # create it (and check) once here
     t0 = time.perf_counter()
     if args.jobs == 1:
@@ -292,10 +307,9 @@ def tune_command(args: argparse.Namespace) -> int:
             proc.start()
         for proc in procs:
             proc.join()
-    path = best_file(out, args.method, args.dataset)
+    path = best_file(out, method, args.dataset)
     best = write_best(study, path, fixed, storage_url)
     counts = best["trials"]
-    print(f"tune {args.method} on {args.dataset}: study {name!r} has {counts['complete']} complete, "
+    print(f"tune {method} on {args.dataset}: study {name!r} has {counts['complete']} complete, "
           f"{counts['pruned']} pruned, {counts['fail']} failed trials; best validation accuracy "
           f"{best['val_accuracy']:.4f} with {best['params']} ({time.perf_counter() - t0:.0f}s) → {path}")
-    return 0
