@@ -21,15 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.config import config_hash
+from benchmark.data import MultimodalData, resolve_dataset_options
 from benchmark.device import seeded
-from benchmark.method import Batch, EvalOutput, Stage, StepContext
+from benchmark.method import Batch, EvalOutput, Stage, StepContext, options_of
 
 if TYPE_CHECKING:
     from benchmark.method import Method
     from benchmark.trainer import Trainer
 
 # Shared options that determine a unimodal model's weights (see unimodal_key).
-_KEY_FIELDS = ("dataset", "dataset_options", "seed", "epochs", "batch_size", "optimizer", "lr",
+_KEY_FIELDS = ("dataset", "seed", "epochs", "batch_size", "optimizer", "lr",
                "momentum", "weight_decay", "scheduler", "step_size", "gamma", "patience", "amp")
 
 
@@ -79,10 +80,15 @@ def unimodal_eval(model: UnimodalModel, batch: Batch) -> EvalOutput:
     return EvalOutput(logits, {model.modality: logits}, {model.modality: feats})
 
 
-def unimodal_key(method: Method, modality: str) -> dict[str, Any]:
+def unimodal_key(method: Method, modality: str, data: MultimodalData) -> dict[str, Any]:
+    """Everything that determines a unimodal model's weights: the dataset with its options
+    resolved (defaults included) and its content, the seed, the encoder, the optimiser settings."""
     cfg = method.cfg.to_dict()
     key = {name: cfg[name] for name in _KEY_FIELDS}
-    key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v1")
+    key["dataset_options"] = options_of(resolve_dataset_options(method.cfg.dataset, method.cfg.dataset_options))
+    # the data themselves: the cached dataset's content hash, else the generator's recipe
+    key["data"] = data.manifest.get("content_hash") or config_hash(data.manifest)
+    key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v2")
     return key
 
 
@@ -90,7 +96,7 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
     """Train (or reuse) the unimodal model of ``modality``; returns it with facts for the record:
     best validation accuracy, epochs, whether it was reused and from where."""
     model = build_unimodal(method, modality)
-    key = unimodal_key(method, modality)
+    key = unimodal_key(method, modality, trainer.data)
     if not trainer.cache_dir:
         result = trainer.fit(unimodal_stage(model))
         return model, dict(_facts(modality, result), reused=False, checkpoint=None)

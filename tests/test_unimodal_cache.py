@@ -59,3 +59,17 @@ def test_two_processes_train_one_unimodal_model_once(tiny: dict, tmp_path: Path)
     assert len(list((tmp_path / "unimodal").glob("*.pt"))) == 1
     assert not list((tmp_path / "unimodal").glob("*.lock"))
     assert torch.load(next((tmp_path / "unimodal").glob("*.pt")), weights_only=True)["info"]["epochs_run"] == 4
+
+
+def test_a_changed_dataset_default_or_content_is_not_reused(tiny: dict, tmp_path: Path, monkeypatch) -> None:
+    from benchmark.data import synthetic
+
+    cache = str(tmp_path)
+    cfg = dict(tiny, method="unimodal")
+    execute(prepare(build_config(cfg)), cache_dir=cache)
+    # the same options, but the generator's preset changed (a new version of the data): no reuse
+    preset = [tuple(row) for row in synthetic.PRESETS["imbalanced"]]
+    preset[0] = (0.9, *preset[0][1:])
+    monkeypatch.setitem(synthetic.PRESETS, "imbalanced", preset)
+    again = execute(prepare(build_config(cfg)), cache_dir=cache)
+    assert again["method_record"]["unimodal"]["m0"]["reused"] is False
