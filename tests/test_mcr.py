@@ -4,17 +4,12 @@ through the shared cache, and equivalence with ``joint`` when every regularizer 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from sync_guard import host_syncs
 
 from baselines.mcr import ALL, MCR, supervised_nt_xent
 from benchmark.cli import main
@@ -228,39 +223,6 @@ def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
 
 # --- host-device synchronisation -----------------------------------------------------------------
 
-_SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "to")
-
-
-@contextlib.contextmanager
-def host_syncs(code_dirs: tuple[str, ...] = ("udi", "baselines")) -> Iterator[list[str]]:
-    """Records every call, made from the methods' own code, that would make the host wait for an
-    accelerator: reading a tensor's value (item, tolist, bool, float, int, nonzero) or copying it
-    between devices (cpu, numpy, .to(<device>)). On the CPU these cost nothing, so they are
-    counted, not timed."""
-    root = Path(__file__).resolve().parents[1]
-    dirs = tuple(str(root / d) + os.sep for d in code_dirs)
-    calls: list[str] = []
-    saved = {name: torch.Tensor.__dict__.get(name) for name in _SYNCING}
-
-    def wrap(name: str, orig: Any) -> Any:
-        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            frame = sys._getframe(1)
-            moves = name != "to" or any(isinstance(a, (torch.device, str)) for a in (*args, *kwargs.values()))
-            if frame.f_code.co_filename.startswith(dirs) and moves:
-                calls.append(f"{name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
-            return orig(self, *args, **kwargs)
-        return wrapper
-
-    for name in _SYNCING:
-        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
-    try:
-        yield calls
-    finally:
-        for name, orig in saved.items():
-            if orig is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, orig)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "film"])
