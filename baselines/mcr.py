@@ -139,14 +139,8 @@ class MCR(Joint):
 
     def check(self) -> None:
         if self.options.contrastive_weight > 0:
-            with seeded(self.cfg.seed, "method/mcr/check"):  # leaves the global RNG untouched
-                dims = {m: self.make_encoder(m).out_dim for m in self.modalities}
-            if len(set(dims.values())) > 1:
-                shown = ", ".join(f"{m}: {d}" for m, d in dims.items())
-                raise UsageError(
-                    f"mcr's contrastive term compares features across modalities, which need the same "
-                    f"size (got {shown}); choose encoders with equal out_dim or set method.contrastive_weight=0"
-                )
+            self.require_equal_feature_sizes("compares features across modalities in its contrastive term",
+                                             "choose encoders with equal out_dim or set method.contrastive_weight=0")
 
     def build(self) -> nn.Module:
         with seeded(self.cfg.seed, JOINT_BUILD_KEY):  # joint's encoders and head for this seed

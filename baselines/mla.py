@@ -116,14 +116,8 @@ class MLA(Method):
     }
 
     def check(self) -> None:
-        with seeded(self.cfg.seed, "method/mla/check"):  # leaves the global RNG untouched
-            dims = {m: self.make_encoder(m).out_dim for m in self.modalities}
-        if len(set(dims.values())) > 1:
-            shown = ", ".join(f"{m}: {d}" for m, d in dims.items())
-            raise UsageError(
-                f"mla shares one head across modalities, so every encoder needs the same feature size "
-                f"(got {shown}); choose encoders with equal out_dim via --set encoder.<modality>=..."
-            )
+        self.require_equal_feature_sizes("shares one head across modalities",
+                                         "choose encoders with equal out_dim via --set encoder.<modality>=...")
 
     def build(self) -> nn.Module:
         with seeded(self.cfg.seed, JOINT_BUILD_KEY):  # the same encoders as joint for this seed

@@ -21,6 +21,7 @@ from torch import nn
 
 from benchmark.config import RunConfig, apply_overrides
 from benchmark.data.base import DataInfo
+from benchmark.device import seeded
 from benchmark.errors import UsageError
 from benchmark.models import create_encoder, create_fusion
 from benchmark.registry import METHODS
@@ -127,6 +128,15 @@ class Method:
 
     def make_encoders(self, modalities: list[str] | None = None) -> nn.ModuleDict:
         return nn.ModuleDict({m: self.make_encoder(m) for m in modalities or self.modalities})
+
+    def require_equal_feature_sizes(self, reason: str, fix: str) -> None:
+        """Refuse encoders whose feature sizes differ (methods that compare or share features)."""
+        with seeded(self.cfg.seed, f"method/{self.name}/check"):  # leaves the global RNG untouched
+            dims = {m: self.make_encoder(m).out_dim for m in self.modalities}
+        if len(set(dims.values())) > 1:
+            shown = ", ".join(f"{m}: {d}" for m, d in dims.items())
+            raise UsageError(f"{self.name} {reason}, so every encoder needs the same feature size "
+                             f"(got {shown}); {fix}")
 
     def make_fusion(self, encoders: nn.ModuleDict) -> nn.Module:
         dims = {m: enc.out_dim for m, enc in encoders.items()}
