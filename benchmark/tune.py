@@ -29,7 +29,7 @@ from benchmark.config import build_config, parse_assignments
 from benchmark.errors import UsageError
 
 Space = Callable[[Any], dict[str, Any]]
-STALE_SECONDS = 600.0  # a running trial whose heartbeat is older is taken as dead
+STALE_SECONDS = 3600.0  # a running trial of another host with no heartbeat for this long is taken as dead
 
 
 def _shared(trial: Any) -> dict[str, Any]:
@@ -76,11 +76,17 @@ def make_storage(url: str) -> Any:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as exc:  # bad URL, missing driver, unreachable server
-        raise UsageError(f"Optuna storage {url!r} cannot be opened ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}); check the URL") from None
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as exc:  # bad URL, missing driver, unreachable server
+            # Two workers creating the same new database race on its tables: try again.
+            if "already exists" in str(exc) and attempt < 5:
+                time.sleep(0.5 + attempt)
+                continue
+            raise UsageError(f"Optuna storage {url!r} cannot be opened ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); check the URL") from None
+    raise AssertionError("unreachable")
 
 
 def open_study(storage_url: str, name: str, fixed: dict[str, Any], sampler_seed: int | None) -> Any:
@@ -114,7 +120,8 @@ def _fail_dead_trials(study: Any) -> int:
     host, now, failed = socket.gethostname(), time.time(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("owner", "")
-        beat = float(t.user_attrs.get("heartbeat", 0.0))
+        started = t.datetime_start.timestamp() if t.datetime_start else now
+        beat = float(t.user_attrs.get("heartbeat", started))
         o_host, _, pid = owner.rpartition(":")
         dead = (o_host == host and pid.isdigit() and not _alive(int(pid))) or now - beat > STALE_SECONDS
         if dead:
@@ -186,8 +193,11 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
         if len(study.get_trials(deepcopy=False, states=counted)) >= trials:
             break
         trial = study.ask()
-        study._storage.set_trial_user_attr(trial._trial_id, "owner", owner)
-        study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "owner", owner)
+            study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # taken as dead by another worker: ask again
         ahead = [t for t in study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
         if len(ahead) >= trials:  # another worker took the last trial first: give this number back
             trial.set_user_attr("surplus", True)
@@ -196,6 +206,8 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
         t0 = time.perf_counter()
         try:
             value = run_trial(trial, fixed, data, space)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # failed by another worker that took this one as dead
         except optuna.TrialPruned as exc:
             study.tell(trial, state=TrialState.PRUNED)
             done += 1
@@ -231,6 +243,16 @@ def _worker_main(storage_url: str, study_name: str, fixed: dict[str, Any], trial
 
     torch.set_num_threads(1)
     work(storage_url, study_name, fixed, trials, sampler_seed, quiet)
+
+
+def _wait_for_running(study: Any, poll: float = 1.0) -> None:
+    """Wait until no trial of the study is running (other workers finishing their last trial);
+    trials of dead workers are failed on the way."""
+    from optuna.trial import TrialState
+
+    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        _fail_dead_trials(study)
+        time.sleep(poll)
 
 
 def best_file(out: Path, method: str, dataset: str) -> Path:
@@ -307,6 +329,7 @@ def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], stor
             proc.start()
         for proc in procs:
             proc.join()
+    _wait_for_running(study)  # so that every worker writes the same, final best parameters
     path = best_file(out, method, args.dataset)
     best = write_best(study, path, fixed, storage_url)
     counts = best["trials"]
