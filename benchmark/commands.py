@@ -107,7 +107,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         status = store.status_by_key() if store.root.is_dir() else {}
         for run in plan.runs:
             print(f"{status.get(run.key, 'todo'):<7} {run.dataset:<16} {run.label:<40} seed {run.seed}  {run.key}")
-        print(f"{len(plan.runs)} runs", file=sys.stderr)
+        print(f"{len(plan.runs)} runs")
         return 0
     if args.slurm:
         from benchmark.sweep import submit_slurm
