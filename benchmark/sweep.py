@@ -349,6 +349,14 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
             continue
         dentry = spec.datasets[dname]
         base = {**spec.settings, **dentry.get("settings", {}), "dataset": dname}
+        try:  # name the table a bad shared value comes from
+            build_config({**spec.settings, "dataset": dname})
+        except UsageError as exc:
+            raise UsageError(f"sweep {spec.name}: [settings]: {exc}") from None
+        try:
+            resolve_dataset_options(dname, build_config(base).dataset_options)
+        except UsageError as exc:
+            raise UsageError(f"sweep {spec.name}: [datasets.{dname}] settings: {exc}") from None
         for mname in methods:
             mentry = spec.methods[mname]
             if dname not in mentry.get("datasets", list(spec.datasets)):
