@@ -9,8 +9,9 @@ Layout of a store folder::
 
 A process runs a key only while it holds the key's claim, an advisory ``flock`` that the kernel
 drops when the process ends, however it ends (SIGKILL included): a killed sweep leaves no stale
-claim behind, and two sweeps on one store never run the same key twice. Records are written
-through a temporary file and a rename, so a reader sees a whole record or none.
+claim behind, and two sweeps on one store never run the same key twice (on several machines
+the store must be on a file system with working ``flock``, e.g. NFSv4 or a local disk). Records
+are written through a temporary file and a rename, so a reader sees a whole record or none.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.config import build_config, config_hash
-from benchmark.errors import DivergedError, UsageError
+from benchmark.errors import UsageError
 from benchmark.store import Store, count_unimodal_reuse
 
 try:
@@ -512,7 +512,7 @@ def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache
             cfg = build_config(assignments)
             run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
             record = execute(run, log=log, cache_dir=str(store.cache_dir))
-        except (Exception, DivergedError) as exc:  # recorded, and the sweep goes on
+        except Exception as exc:  # diverged (non-finite loss) or any error: recorded, the sweep goes on
             log("".join(traceback.format_exception(exc)))
             if run is None:
                 record = {"schema": 1, "status": "failed", "method": item.method, "dataset": item.dataset,
