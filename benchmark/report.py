@@ -315,7 +315,8 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
     curves = _learning_curves(df)
     if not curves.empty:
         fig, ax = plt.subplots(figsize=(7, 4))
-        sns.lineplot(curves, x="epoch", y="val_accuracy", hue="label", errorbar=None, ax=ax)
+        order = [lab for lab in labels if lab in set(curves["label"])]
+        sns.lineplot(curves, x="epoch", y="val_accuracy", hue="label", hue_order=order, errorbar=None, ax=ax)
         ax.set(ylabel="validation accuracy %", title=f"{dataset}: learning curves (last stage, mean over seeds)")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title=None)
         save(fig, "learning-curves")
@@ -341,10 +342,13 @@ def _controller_trace(udi: pd.DataFrame) -> pd.DataFrame:
 
 
 def _learning_curves(df: pd.DataFrame) -> pd.DataFrame:
-    """Validation accuracy per epoch of each record's last stage; one label per method (its first)."""
+    """Validation accuracy per epoch of each record's last stage; one label per method (its default
+    variant where it has one, else its first)."""
     keep = {}
     for label in sorted(df["label"].unique(), key=lambda lab: _order_key(lab, df[df["label"] == lab]["method"].iloc[0])):
         method = df[df["label"] == label]["method"].iloc[0]
+        if label in (method, f"{method} anchor=auto"):  # the method's default variant first
+            keep[method] = label
         keep.setdefault(method, label)
     rows = []
     for rec in df[df["label"].isin(set(keep.values()))].itertuples():
@@ -352,6 +356,8 @@ def _learning_curves(df: pd.DataFrame) -> pd.DataFrame:
         if not history:
             continue
         last = history[-1].get("stage")
+        if rec.method != "unimodal" and str(last).startswith("unimodal:"):
+            continue  # no stage of its own (the ensemble combines unimodal models)
         for h in history:
             if h.get("stage") == last:
                 rows.append({"label": rec.label, "epoch": h["epoch"], "val_accuracy": h["val_accuracy"] * 100})
