@@ -86,3 +86,11 @@ def report(session: nox.Session) -> None:
     (reads the store only: a light environment without torch). Arguments go to `python -m benchmark.report`."""
     _install_once(session, *REPORT_REQUIREMENTS)
     session.run("python", "-m", "benchmark.report", *session.posargs)
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """Throughput, step time and peak memory of every method as ratios to a minimal loop; the table
+    goes to reports/perf.md. Arguments go to `python -m benchmark perf`."""
+    _install_once(session)
+    session.run("python", "-m", "benchmark", "perf", *session.posargs)
