@@ -262,7 +262,7 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
     height = 0.32 * len(labels) + 1.2
     fig, ax = plt.subplots(figsize=(7, height))
     sns.barplot(acc, y="label", x="accuracy", order=labels, errorbar="sd", color="#8fb3d9", ax=ax)
-    sns.stripplot(acc, y="label", x="accuracy", order=labels, color="black", size=3, ax=ax)
+    sns.stripplot(acc, y="label", x="accuracy", order=labels, color="black", size=3, jitter=False, ax=ax)
     base = acc[acc["label"] == BASELINE]["accuracy"].mean()
     if base == base:
         ax.axvline(base, color="#c0392b", ls="--", lw=1, label="joint")
