@@ -14,6 +14,8 @@ which ``python -m benchmark sweep NAME --tuned FILE`` applies to that method's r
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import multiprocessing as mp
@@ -21,7 +23,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,7 @@ def make_storage(url: str) -> Any:
             return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as exc:  # bad URL, missing driver, unreachable server
             # Two workers creating the same new database race on its tables: try again.
-            if "already exists" in str(exc) and attempt < 5:
+            if ("already exists" in str(exc) or "UNIQUE constraint" in str(exc)) and attempt < 5:
                 time.sleep(0.5 + attempt)
                 continue
             raise UsageError(f"Optuna storage {url!r} cannot be opened ({type(exc).__name__}: "
@@ -89,18 +91,38 @@ def make_storage(url: str) -> Any:
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """Workers on one machine open a new SQLite file one at a time (its tables are created once)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url == prefix + ":memory:":
+        yield
+        return
+    lock = Path(url[len(prefix):] + ".lock")
+    if not lock.parent.is_dir():
+        yield
+        return
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def open_study(storage_url: str, name: str, fixed: dict[str, Any], sampler_seed: int | None) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=make_storage(storage_url), study_name=name, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-    known = study.user_attrs.get("fixed")
-    if known is None:
-        study.set_user_attr("fixed", fixed)
-    elif known != json.loads(json.dumps(fixed, default=str)):
+    with _creation_lock(storage_url):  # workers starting together create the file and study once
+        study = optuna.create_study(
+            storage=make_storage(storage_url), study_name=name, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+        known = study.user_attrs.get("fixed")
+        if known is None:
+            study.set_user_attr("fixed", fixed)
+    if known is not None and known != json.loads(json.dumps(fixed, default=str)):
         raise UsageError(f"study {name!r} was started with other fixed settings ({known}); resume it with "
                          "the same --method/--dataset/--seed/--epochs/--set, or give another --study")
     return study
