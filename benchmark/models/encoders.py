@@ -38,17 +38,23 @@ class MLPEncoder(nn.Module):
         return self.net(x)
 
 
+# Inputs larger than this many pixels (a spectrogram, say) start with a stride-2 convolution.
+SMALL_CNN_STRIDE_ABOVE = 32 * 32
+
+
 class SmallCNN(nn.Module):
-    """Three conv blocks and global average pooling, for small images (C×H×W, e.g. 8×8 digits)."""
+    """Three conv blocks and global average pooling, for small images (C×H×W, e.g. 8×8 digits)
+    and small spectrograms (the first convolution has stride 2 above 32×32 pixels)."""
 
     def __init__(self, spec: ModalitySpec, width: int = 32) -> None:
         super().__init__()
         channels = spec.shape[0] if len(spec.shape) == 3 else 1
+        first_stride = 2 if math.prod(spec.shape[-2:]) > SMALL_CNN_STRIDE_ABOVE else 1
         layers: list[nn.Module] = []
         c_in = channels
         for i, c_out in enumerate((width, 2 * width, 4 * width)):
             layers += [
-                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.Conv2d(c_in, c_out, 3, stride=first_stride if i == 0 else 1, padding=1, bias=False),
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
             ]
