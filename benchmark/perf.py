@@ -258,6 +258,29 @@ def check_bounds(rows: list[dict[str, Any]]) -> list[str]:
     return verdicts
 
 
+OFFLINE_DATASETS = ("synthetic", "cg-digits", "av-digits")
+
+
+def data_wait(device: torch.device, epochs: int) -> list[str]:
+    """Share of each training epoch the loop spends waiting for batches, ``joint`` on each
+    offline dataset (first epoch dropped)."""
+    lines = []
+    for name in OFFLINE_DATASETS:
+        data = create_dataset(name, {})
+        setting = Setting(name, data, 64)
+        cfg = _config(setting, "joint", {}, epochs, str(device))
+        trainer = Trainer(cfg, data, device)
+        method = create_method("joint", data.info, cfg)
+        with seeded(cfg.seed, "method/joint/build"):
+            method.build()
+        method.run(trainer)
+        rows = trainer.history[1:] or trainer.history
+        share = sum(r["data_wait_seconds"] for r in rows) / sum(r["epoch_seconds"] for r in rows)
+        lines.append(f"data wait, joint on {name}: {100 * share:.2f}% of the training epoch "
+                     f"(target < 5%): {'met' if share < 0.05 else 'MISSED'}")
+    return lines
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("perf", help="throughput of every method as ratios to a minimal loop")
     p.add_argument("--settings", default="small,resnet", help="small, resnet or both [small,resnet]")
@@ -304,6 +327,9 @@ def cmd_perf(args: argparse.Namespace) -> int:
         verdicts = check_bounds(rows)
         print(table + "\n\n" + "\n".join(verdicts) + "\n", flush=True)
         sections += ["", table, "", *[f"- {v}" for v in verdicts]]
+    waits = data_wait(device, args.epochs)
+    print("\n".join(waits), flush=True)
+    sections += ["", "### Data loading", "", *[f"- {w}" for w in waits]]
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(sections) + "\n")
     tmp.replace(out)
