@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from benchmark.config import RunConfig, build_config
 from benchmark.data import DataInfo, ModalitySpec, MultimodalData, TensorSplit, create_dataset
-from benchmark.device import make_deterministic, pick_device, seed_everything, seeded
+from benchmark.device import pick_device, seed_everything, seeded, set_determinism
 from benchmark.method import create_method, make_optimizer
 from benchmark.registry import list_methods
 from benchmark.trainer import Trainer
@@ -311,7 +311,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"folder {str(out.parent)!r} for --out does not exist; create it or change --out")
-    make_deterministic()
+    set_determinism(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     sections = [f"# Throughput (`python -m benchmark perf {' '.join(sys.argv[2:])}`)".rstrip()]
     for setting in settings(device, which):

@@ -21,7 +21,7 @@ import torch
 
 from benchmark.config import RunConfig, config_hash
 from benchmark.data import MultimodalData, create_dataset, resolve_dataset_options
-from benchmark.device import make_deterministic, pick_device, seed_everything, seeded
+from benchmark.device import pick_device, seed_everything, seeded, set_determinism
 from benchmark.errors import DivergedError, UsageError
 from benchmark.method import Method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
@@ -119,7 +119,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     """Train and evaluate; returns the result record (status ok). Raises DivergedError.
     ``on_epoch_end(row)`` sees each per-epoch history row (tuning prunes from it)."""
     cfg = run.cfg
-    make_deterministic()
+    set_determinism(run.device)
     seed_everything(cfg.seed)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
