@@ -193,8 +193,8 @@ def measure(setting: Setting, device: torch.device, methods: list[str], repeats:
 
 
 def peak_memory(setting_name: str, method: str, device: str) -> float:
-    """Peak memory of 2 epochs of ``method`` in a fresh process (MB). On the CPU: growth of the
-    process's peak RSS over a process that only loaded the data and built the model."""
+    """Peak memory of 2 epochs of ``method`` in a fresh process (MB): on CUDA the peak allocated;
+    on the CPU the growth of the peak resident size over the size once the data are loaded."""
     code = ("import json,sys;from benchmark.perf import _memory_probe;"
             "print(json.dumps(_memory_probe(*sys.argv[1:])))")
     proc = subprocess.run([sys.executable, "-c", code, setting_name, method, device],
@@ -204,23 +204,31 @@ def peak_memory(setting_name: str, method: str, device: str) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(which: str, method: str, device_name: str) -> float:
-    import resource
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
+
+def _memory_probe(which: str, method: str, device_name: str) -> float:
     device = pick_device(device_name)
     torch.set_num_threads(1)
     (setting,) = settings(device, [which])
     label_opts = dict(VARIANTS.get(method, [(method, {})])[0][1])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        # Linux: reset the peak resident size, so that it measures training alone
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _rss_mb("VmRSS")
     if method == "floor":
         time_floor(setting, 2, device)
     else:
         time_method(setting, method, label_opts, 2, device, None)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return _rss_mb("VmHWM") - before
 
 
 def format_table(title: str, rows: list[dict[str, Any]], device: str) -> str:

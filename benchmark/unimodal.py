@@ -24,6 +24,7 @@ from benchmark.config import config_hash
 from benchmark.data import MultimodalData, resolve_dataset_options
 from benchmark.device import seeded
 from benchmark.method import Batch, EvalOutput, Stage, StepContext, options_of
+from benchmark.registry import DATASETS
 
 if TYPE_CHECKING:
     from benchmark.method import Method
@@ -85,7 +86,9 @@ def unimodal_key(method: Method, modality: str, data: MultimodalData) -> dict[st
     resolved (defaults included) and its content, the seed, the encoder, the optimiser settings."""
     cfg = method.cfg.to_dict()
     key = {name: cfg[name] for name in _KEY_FIELDS}
-    key["dataset_options"] = options_of(resolve_dataset_options(method.cfg.dataset, method.cfg.dataset_options))
+    registered = method.cfg.dataset in DATASETS  # data built in code (perf's tensors) is not
+    key["dataset_options"] = (options_of(resolve_dataset_options(method.cfg.dataset, method.cfg.dataset_options))
+                              if registered else dict(method.cfg.dataset_options))
     # the data themselves: the cached dataset's content hash, else the generator's recipe
     key["data"] = data.manifest.get("content_hash") or config_hash(data.manifest)
     key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v2")
