@@ -159,11 +159,12 @@ class OGMGE(Joint):
                     continue
                 g = p.grad
                 if self.options.noise:
-                    # std stays on the device: no host synchronisation per tensor
-                    std = g.float().std() + 1e-8 if g.numel() > 1 else 1e-8
+                    # std stays on the device (no host synchronisation per tensor); in place, so
+                    # that every conv kernel costs one draw and two passes, with no new tensor
+                    std = (g.float().std() + 1e-8).to(g.dtype) if g.numel() > 1 else 1e-8
                     noise = torch.randn(g.shape, generator=self._generator(g.device), device=g.device,
-                                        dtype=torch.float32) * std
-                    p.grad = g * k + noise.to(g.dtype)
+                                        dtype=g.dtype)
+                    g.mul_(k).addcmul_(noise, torch.as_tensor(std, dtype=g.dtype, device=g.device))
                 else:
                     g.mul_(k)
 
