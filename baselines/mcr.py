@@ -91,7 +91,7 @@ def supervised_nt_xent(features: list[torch.Tensor], labels: torch.Tensor, tempe
     # the value and the gradient finite when a row has no negative at all
     neg_lse = torch.logsumexp(sim.masked_fill(same, torch.finfo(sim.dtype).min), dim=1, keepdim=True)
     has_neg = (~same).any(dim=1, keepdim=True)
-    per_pair = torch.logaddexp(sim, neg_lse) - sim  # −log(e^{s_ij} / (e^{s_ij} + Σ_neg e^{s_ik}))
+    per_pair = F.softplus(neg_lse - sim)  # −log(e^{s_ij} / (e^{s_ij} + Σ_neg e^{s_ik})) = log(1 + e^{lse_neg − s_ij})
     weight = (pos & has_neg).to(sim.dtype)
     return (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
 
