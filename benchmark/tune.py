@@ -324,7 +324,7 @@ def tune_command(args: argparse.Namespace) -> int:
     if not out.exists():
         if not out.resolve().parent.is_dir():
             raise UsageError(f"--out parent {str(out.resolve().parent)!r} does not exist; create it")
-        out.mkdir()
+        out.mkdir(exist_ok=True)  # another worker may create it at the same moment
     if not os.access(out, os.W_OK):
         raise UsageError(f"--out {str(out)!r} is not writable; choose another folder")
     storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
