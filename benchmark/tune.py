@@ -29,6 +29,7 @@ from typing import Any
 
 from benchmark.config import build_config, parse_assignments
 from benchmark.errors import UsageError
+from benchmark.unimodal import process_alive
 
 Space = Callable[[Any], dict[str, Any]]
 STALE_SECONDS = 3600.0  # a running trial of another host with no heartbeat for this long is taken as dead
@@ -145,7 +146,7 @@ def _fail_dead_trials(study: Any) -> int:
         started = t.datetime_start.timestamp() if t.datetime_start else now
         beat = float(t.user_attrs.get("heartbeat", started))
         o_host, _, pid = owner.rpartition(":")
-        dead = (o_host == host and pid.isdigit() and not _alive(int(pid))) or now - beat > STALE_SECONDS
+        dead = (o_host == host and pid.isdigit() and not process_alive(int(pid))) or now - beat > STALE_SECONDS
         if dead:
             try:
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -154,16 +155,6 @@ def _fail_dead_trials(study: Any) -> int:
             except Exception:  # another worker did it first
                 pass
     return failed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the objective ---------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def _claim(lock: Path) -> bool:
             host, pid = lock.read_text().strip().rsplit(":", 1)
         except (OSError, ValueError):
             return False  # being written right now
-        if host == socket.gethostname() and not _alive(int(pid)):
+        if host == socket.gethostname() and not process_alive(int(pid)):
             lock.unlink(missing_ok=True)
             return _claim(lock)
         return False
@@ -156,7 +156,8 @@ def _claim(lock: Path) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a lock or claim left by a dead one is stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
