@@ -286,24 +286,21 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
 
     udi = _udi_frame(df)
     if not udi.empty:
-        weights = udi[udi["anchor"] == "auto"]
-        if weights["weights"].nunique() > 1:
-            fig, ax = plt.subplots(figsize=(6, 3.2))
-            order = ["dynamic"] + sorted(w for w in weights["weights"].unique() if w != "dynamic")
-            sns.barplot(weights.assign(accuracy=weights["accuracy"] * 100), x="weights", y="accuracy",
-                        order=order, errorbar="sd", color="#9bc49b", ax=ax)
-            _ylim_around(ax, weights["accuracy"] * 100)
-            ax.set(xlabel="(λ_con, λ_com)", ylabel="test accuracy %", title=f"{dataset}: UDI static vs dynamic weights")
-            save(fig, "udi-static-vs-dynamic")
-        anchors = udi[udi["controller"] == "dynamic"]
-        if anchors["anchor"].nunique() > 1:
-            fig, ax = plt.subplots(figsize=(5, 3.2))
-            order = ["auto"] + sorted(a for a in anchors["anchor"].unique() if a != "auto")
-            sns.barplot(anchors.assign(accuracy=anchors["accuracy"] * 100), x="anchor", y="accuracy",
-                        order=order, errorbar="sd", color="#d9b38f", ax=ax)
-            _ylim_around(ax, anchors["accuracy"] * 100)
-            ax.set(xlabel="anchor", ylabel="test accuracy %", title=f"{dataset}: UDI anchor sensitivity")
-            save(fig, "udi-anchor")
+        ablations = (
+            (udi[udi["anchor"] == "auto"], "weights", "dynamic", (6, 3.2), "#9bc49b", "(λ_con, λ_com)",
+             "UDI static vs dynamic weights", "udi-static-vs-dynamic"),
+            (udi[udi["controller"] == "dynamic"], "anchor", "auto", (5, 3.2), "#d9b38f", "anchor",
+             "UDI anchor sensitivity", "udi-anchor"),
+        )
+        for frame, column, first, size, color, xlabel, title, name in ablations:
+            if frame[column].nunique() > 1:
+                fig, ax = plt.subplots(figsize=size)
+                order = [first] + sorted(v for v in frame[column].unique() if v != first)
+                sns.barplot(frame.assign(accuracy=frame["accuracy"] * 100), x=column, y="accuracy",
+                            order=order, errorbar="sd", color=color, ax=ax)
+                _ylim_around(ax, frame["accuracy"] * 100)
+                ax.set(xlabel=xlabel, ylabel="test accuracy %", title=f"{dataset}: {title}")
+                save(fig, name)
         trace = _controller_trace(udi[(udi["controller"] == "dynamic") & (udi["anchor"] == "auto")])
         if not trace.empty:
             fig, ax = plt.subplots(figsize=(6, 3.2))

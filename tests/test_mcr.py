@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from sync_guard import host_syncs
+from helpers import assert_same_run, guard_steps
 
 from baselines.mcr import ALL, MCR, supervised_nt_xent
 from benchmark.cli import main
@@ -155,14 +155,6 @@ def test_ceb_term_reconstructs_features_from_detached_logits(tiny: dict) -> None
     assert not hasattr(_method(tiny)[0].model, "ceb")  # off by default
 
 
-def _same_run(a: dict, b: dict) -> None:
-    for key in ("accuracy", "macro_f1", "val_accuracy", "probe_accuracy"):
-        assert a["metrics"][key] == b["metrics"][key], key
-    for row_a, row_b in zip(a["history"], b["history"], strict=True):
-        assert row_a["train_loss"] == row_b["train_loss"]
-        assert row_a["val_accuracy"] == row_b["val_accuracy"]
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_all_regularizers_off_is_identical_to_joint(tiny: dict, optimizer: str) -> None:
     base = dict(tiny, seed=5, optimizer=optimizer)
@@ -171,7 +163,7 @@ def test_all_regularizers_off_is_identical_to_joint(tiny: dict, optimizer: str) 
     off = {"method.lambda_m": 0, "method.contrastive_weight": 0, "method.lambda_uni": 0, "method.init": "scratch"}
     run = prepare(build_config(dict(base, method="mcr", **off)))
     record = execute(run)
-    _same_run(joint, record)
+    assert_same_run(joint, record)
     state_j, state_m = joint_run.method.model.state_dict(), run.method.model.state_dict()
     assert all(torch.equal(state_j[k], state_m[k]) for k in state_j)
     # any regularizer on changes the run
@@ -234,16 +226,7 @@ def test_a_training_step_never_waits_for_the_device(tiny: dict, fusion: str) -> 
     torch.manual_seed(0)
     run.method.build()
     stage = run.method.stage()
-    per_step: list[list[str]] = []
-    step = stage.step
-
-    def guarded(batch, ctx):
-        with host_syncs() as calls:
-            out = step(batch, ctx)
-        per_step.append(calls)
-        return out
-
-    stage.step = guarded
+    per_step = guard_steps(stage)
     Trainer(run.cfg, run.data, run.device).fit(stage)
     assert len(per_step) == 2 * 6 and all(calls == [] for calls in per_step), per_step
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from sync_guard import host_syncs
+from helpers import guard_steps, host_syncs
 
 from baselines.mla import MLA, OWMProjector, entropy_weights
 from benchmark.cli import main
@@ -240,16 +240,7 @@ def test_a_training_step_never_waits_for_the_device(tiny: dict, projection: str)
     torch.manual_seed(0)
     run.method.build()
     stage = run.method.stage()
-    per_step: list[list[str]] = []
-    step = stage.step
-
-    def guarded(batch, ctx):
-        with host_syncs() as calls:
-            out = step(batch, ctx)
-        per_step.append(calls)
-        return out
-
-    stage.step = guarded
+    per_step = guard_steps(stage)
     Trainer(run.cfg, run.data, run.device).fit(stage)
     assert len(per_step) == 2 * 6 and all(calls == [] for calls in per_step), per_step
     assert run.method.projected_updates == (2 * 6 * 2 - 1 if projection == "true" else 0)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from sync_guard import host_syncs
+from helpers import assert_same_run, host_syncs
 
 from baselines.ogm_ge import modulated_parameters, ogm_coefficients
 from benchmark.cli import main
@@ -155,14 +155,6 @@ def test_more_than_two_modalities_and_nonlinear_fusion_are_refused(tiny: dict) -
         prepare(build_config(dict(tiny, method="ogm_ge", **{"method.modulate": "bias"})))
 
 
-def _same_run(a: dict, b: dict) -> None:
-    for key in ("accuracy", "macro_f1", "val_accuracy", "probe_accuracy"):
-        assert a["metrics"][key] == b["metrics"][key], key
-    for row_a, row_b in zip(a["history"], b["history"], strict=True):
-        assert row_a["train_loss"] == row_b["train_loss"]
-        assert row_a["val_accuracy"] == row_b["val_accuracy"]
-
-
 @pytest.mark.parametrize("fusion", ["concat", "sum"])
 def test_neutral_modulation_is_identical_to_joint(tiny: dict, fusion: str) -> None:
     base = dict(tiny, fusion=fusion, seed=3)
@@ -171,7 +163,7 @@ def test_neutral_modulation_is_identical_to_joint(tiny: dict, fusion: str) -> No
     for method, extra in (("ogm", {}), ("ogm_ge", {"method.noise": "false"})):
         run = prepare(build_config(dict(base, method=method, **{"method.alpha": 0, **extra})))
         record = execute(run)
-        _same_run(joint, record)
+        assert_same_run(joint, record)
         state_j, state_o = joint_run.method.model.state_dict(), run.method.model.state_dict()
         assert state_j.keys() == state_o.keys()
         assert all(torch.equal(state_j[k], state_o[k]) for k in state_j)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sync_guard import host_syncs
+from helpers import host_syncs
 
 from benchmark.cli import main
 from benchmark.config import build_config

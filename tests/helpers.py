@@ -1,4 +1,4 @@
-"""A guard for tests: which calls from the methods' code would make the host wait for the device."""
+"""Helpers shared by tests: a guard against host-device synchronisation, record comparison."""
 
 from __future__ import annotations
 
@@ -43,3 +43,28 @@ def host_syncs(code_dirs: tuple[str, ...] = ("udi", "baselines")) -> Iterator[li
                 delattr(torch.Tensor, name)
             else:
                 setattr(torch.Tensor, name, orig)
+
+
+def guard_steps(stage: Any) -> list[list[str]]:
+    """Wrap ``stage.step`` so that each step's host reads (see ``host_syncs``) are appended, one
+    list per step, to the returned list as the stage trains."""
+    per_step: list[list[str]] = []
+    step = stage.step
+
+    def guarded(batch: Any, ctx: Any) -> Any:
+        with host_syncs() as calls:
+            out = step(batch, ctx)
+        per_step.append(calls)
+        return out
+
+    stage.step = guarded
+    return per_step
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Two result records trained identically: same metrics and per-epoch history."""
+    for key in ("accuracy", "macro_f1", "val_accuracy", "probe_accuracy"):
+        assert a["metrics"][key] == b["metrics"][key], key
+    for row_a, row_b in zip(a["history"], b["history"], strict=True):
+        assert row_a["train_loss"] == row_b["train_loss"]
+        assert row_a["val_accuracy"] == row_b["val_accuracy"]
