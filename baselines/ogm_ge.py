@@ -9,7 +9,10 @@ trained with the joint cross-entropy only. Between backward and the optimizer st
 - ``ρ_v > 1``: ``k_v = 1 − tanh(α ρ_v)``, ``k_a = 1``; otherwise ``k_a = 1 − tanh(α ρ_a)``, ``k_v = 1``;
 - the encoders' conv-kernel gradients (4-D tensors) become ``k·g`` (OGM) or ``k·g + ε`` with
   ``ε ~ N(0, std(g)²)`` elementwise, ``std`` of the unmodulated gradient (OGM-GE), on both encoders;
-- only for epochs ``modulation_start ≤ epoch ≤ modulation_end``.
+- only inside the modulation window: by default a fraction of the run's epoch budget E, epochs
+  e with ``modulation_start·E ≤ e < modulation_end·E`` (start 0, end 0.5: the first half, as the
+  reference's epochs 0–50 of 100); with ``window="epochs"`` absolute 0-based epochs
+  ``modulation_start ≤ e ≤ modulation_end`` (both ends included, as the reference).
 
 Encoders without conv kernels (MLPs on vector data) have their weight matrices modulated instead
 (``modulate="auto"``; see docs/methods/ogm_ge.md).
@@ -33,6 +36,7 @@ from benchmark.method import Batch, Stage, StepContext
 from benchmark.registry import register_method
 
 MODULATE_CHOICES = ("auto", "conv", "weights")
+WINDOW_UNITS = ("fraction", "epochs")
 JOINT_BUILD_KEY = "method/joint/build"
 JOINT_DATA_KEY = "method/joint"
 
@@ -40,8 +44,11 @@ JOINT_DATA_KEY = "method/joint"
 @dataclass
 class OGMGEOptions:
     alpha: float = opt(0.8, "α: strength of the modulation, k = 1 − tanh(α ρ)")
-    modulation_start: int = opt(0, "first epoch (0-based) with modulation")
-    modulation_end: int = opt(50, "last epoch (0-based, inclusive) with modulation")
+    modulation_start: float = opt(0.0, "start of the modulation window: a fraction of the epoch budget "
+                                       "(window=fraction) or the first modulated epoch, 0-based (window=epochs)")
+    modulation_end: float = opt(0.5, "end of the modulation window: a fraction of the epoch budget, excluded "
+                                     "(window=fraction) or the last modulated epoch, included (window=epochs)")
+    window: str = opt("fraction", "unit of modulation_start/end: fraction (of the run's epochs) or epochs")
     noise: bool = opt(True, "add N(0, std(g)²) to the modulated gradients (the GE in OGM-GE)")
     modulate: str = opt("auto", "which encoder gradients are modulated: conv (4-D kernels only), "
                                 "weights (every tensor with ≥ 2 dims) or auto (conv if the encoder "
@@ -50,11 +57,17 @@ class OGMGEOptions:
     def validate(self) -> None:
         if self.alpha < 0:
             raise UsageError(f"method.alpha must be >= 0, got {self.alpha}")
-        if self.modulation_start < 0 or self.modulation_end < self.modulation_start:
-            raise UsageError(
-                f"method.modulation_start ({self.modulation_start}) must be >= 0 and <= "
-                f"method.modulation_end ({self.modulation_end})"
-            )
+        if self.window not in WINDOW_UNITS:
+            raise UsageError(f"method.window must be one of {', '.join(WINDOW_UNITS)}, got {self.window!r}")
+        start, end = self.modulation_start, self.modulation_end
+        if not (0 <= start <= end) or (self.window == "fraction" and end > 1):
+            limit = " <= 1 (fractions of the epoch budget; set method.window=epochs for epochs)" \
+                if self.window == "fraction" else ""
+            raise UsageError(f"method.modulation_start ({start}) must be >= 0 and <= method.modulation_end "
+                             f"({end}){limit}")
+        if self.window == "epochs" and not (float(start).is_integer() and float(end).is_integer()):
+            raise UsageError(f"with method.window=epochs, modulation_start and modulation_end are whole epochs, "
+                             f"got {start} and {end}")
         if self.modulate not in MODULATE_CHOICES:
             raise UsageError(
                 f"method.modulate must be one of {', '.join(MODULATE_CHOICES)}, got {self.modulate!r}"
@@ -133,7 +146,12 @@ class OGMGE(Joint):
         return {"loss": F.cross_entropy(logits, batch["label"])}
 
     def active(self, epoch: int) -> bool:
-        return self.options.modulation_start <= epoch <= self.options.modulation_end
+        """Whether ``epoch`` (0-based) is inside the modulation window."""
+        o = self.options
+        if o.window == "epochs":
+            return o.modulation_start <= epoch <= o.modulation_end
+        budget = self.cfg.epochs
+        return o.modulation_start * budget <= epoch < o.modulation_end * budget
 
     def after_backward(self, ctx: StepContext) -> None:
         if self._last is None:
@@ -197,6 +215,7 @@ class OGMGE(Joint):
         a, v = self.modalities
         return {
             "roles": {"a": a, "v": v},
+            "modulated_epochs": [e for e in range(self.cfg.epochs) if self.active(e)],
             "modulated": {m: {"rule": self._rules[m], "tensors": len(self._targets[m]),
                               "elements": sum(p.numel() for p in self._targets[m])}
                           for m in self.modalities},

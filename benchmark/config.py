@@ -43,6 +43,12 @@ class RunConfig:
     step_size: int = opt(70, "StepLR period in epochs (scheduler=step)")
     gamma: float = opt(0.1, "StepLR decay factor (scheduler=step)")
     patience: int = opt(0, "early stopping: epochs without a better validation accuracy (0 = off)")
+    unimodal_epochs: int = opt(0, "epoch cap of unimodal training (unimodal, ensemble, UDI's anchor phase, "
+                                  "MCR's initialisation), which stops early (0 = epochs)")
+    unimodal_patience: int = opt(8, "unimodal training stops after this many epochs without a better "
+                                    "validation accuracy (0 = train all unimodal_epochs)")
+    precise_bn: int = opt(2048, "before each validation, recompute the BatchNorm statistics of the trained "
+                                "layers on up to this many training samples (0 = keep the running averages)")
     fusion: str = opt("concat", "fusion head for fused methods: concat, sum, film or gated")
     encoder: dict = opt({}, "encoder per modality, e.g. encoder.audio=resnet18_audio (default: the dataset's)")
     device: str = opt("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:<i> or mps")
@@ -63,6 +69,9 @@ class RunConfig:
                 raise UsageError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.patience < 0 or self.num_workers < 0:
             raise UsageError("patience and num_workers must be >= 0")
+        if self.unimodal_epochs < 0 or self.unimodal_patience < 0 or self.precise_bn < 0:
+            raise UsageError(f"unimodal_epochs, unimodal_patience and precise_bn must be >= 0, got "
+                             f"{self.unimodal_epochs}, {self.unimodal_patience}, {self.precise_bn}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
         choices = {

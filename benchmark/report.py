@@ -1,19 +1,28 @@
-"""Tables and figures from a result store (and nothing else: no training, no dataset access).
+"""Tables and figures from a folder of run records (and nothing else: no training, no dataset access).
 
-Per dataset: mean ± std over seeds of test accuracy and macro-F1, per-modality linear-probe
-accuracy, the probe gap (strongest − weakest modality) and each probe against the same encoder
-trained alone (the ``unimodal`` runs), the gap to ``joint`` with a paired
-t-test over the seeds both have, wall time; as Markdown, CSV and LaTeX. Figures (seaborn):
-accuracy by method, per-modality probe accuracy, UDI static vs dynamic weights, UDI anchor
-sensitivity, UDI controller weights over epochs, learning curves. Where a dataset has published
-figures (METHODS.md), they are printed beside ours. The results section of README.md (between
-``<!-- results:begin -->`` and ``<!-- results:end -->``) gets the main table.
+Reads a sweep store or any folder of ``run --out`` records. One table row per configuration
+(benchmark.report_data: every resolved option but the seed and locations; smoke records apart and
+left out unless asked for), labelled by the options in which it differs from the method's
+defaults. Per dataset: mean ± sd over seeds, Student-t 95% confidence interval and number of seeds
+of test accuracy and macro-F1; per-modality linear-probe accuracy, the probe gap and each probe
+against the same encoder trained alone (``unimodal`` rows); the paired difference to a baseline
+row (``--baseline``, default ``joint``) over the seeds both have, with its 95% interval, the
+paired t-test p-value and Holm's adjustment across the rows of the table; rows whose runs were
+still improving at the end of their budget are marked. As Markdown, CSV and LaTeX, plus a
+one-row-per-run export (CSV and Parquet) of every record with its resolved options as columns.
+Figures (PNG and PDF): accuracy by row (dot and interval), per-modality probes (zero-based bars),
+UDI static vs dynamic weights and anchor sensitivity (dot and interval), UDI controller weights
+over epochs, learning curves. Where a dataset has published figures (METHODS.md), they are printed
+beside ours. README.md's results section (between ``<!-- results:begin -->`` and
+``<!-- results:end -->``) is rewritten only with ``--readme`` or when the store is the
+repository's own ``results/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -23,8 +32,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from benchmark import report_data
 from benchmark.errors import UsageError
+from benchmark.report_stats import CI_KIND, holm, paired_gap, paired_interval, t_interval
 from benchmark.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
 
 BASELINE = "joint"
 # Table order; methods not listed come after, by name.
@@ -49,19 +62,34 @@ PUBLISHED_NOTE = ("CREMA-D numbers move by up to 10 points with preprocessing an
 
 
 # --- loading ---------------------------------------------------------------------------------------
-def load_frame(store: Store) -> pd.DataFrame:
-    """One row per ok record: identifiers, metrics, probe and unimodal accuracies per modality."""
+def load_frame(store: Store | Path | str, smoke: bool | None = None) -> pd.DataFrame:
+    """One row per ok record: identifiers, the configuration row it belongs to (``identity``,
+    ``label``), metrics, probe and unimodal accuracies per modality, convergence. ``smoke``: True
+    keeps only smoke records, False only full ones, None full ones where there are any (else the
+    smoke ones)."""
+    root = store.root if isinstance(store, Store) else Path(store)
+    records = [r for r in report_data.load_records(root) if r.get("status") == "ok"]
+    if smoke is None:
+        smoke = not any(not r.get("smoke") for r in records)
+    records = [r for r in records if bool(r.get("smoke")) == smoke]
+    return _frame(records)
+
+
+def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    labels = _labels(records)
     rows = []
-    for rec in store.records("ok"):
+    for rec in records:
         m = rec.get("metrics", {})
         cfg = rec.get("config", {})
-        sweep = rec.get("sweep") or {}
+        key = report_data.identity_key(rec)
         row: dict[str, Any] = {
             "dataset": rec.get("dataset"), "method": rec.get("method"), "seed": rec.get("seed"),
-            "label": sweep.get("label") or rec.get("method"), "key": rec.get("key"),
+            "label": labels[key], "identity": key, "key": rec.get("key"),
+            "variant": (rec.get("sweep") or {}).get("label"),
             "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
             "val_accuracy": m.get("val_accuracy"), "wall_seconds": m.get("wall_seconds"),
             "method_options": cfg.get("method_options", {}), "smoke": bool(rec.get("smoke")),
+            "still_improving": report_data.still_improving(rec),
             "history": rec.get("history", []),
         }
         for name, value in (m.get("probe_accuracy") or {}).items():
@@ -70,6 +98,20 @@ def load_frame(store: Store) -> pd.DataFrame:
             row[f"unimodal:{name}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _labels(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Row labels, made per dataset (a label names what differs within its own table)."""
+    labels: dict[str, str] = {}
+    by_dataset: dict[str, dict[str, dict[str, Any]]] = {}
+    for rec in records:
+        key = report_data.identity_key(rec)
+        by_dataset.setdefault(str(rec.get("dataset")), {}).setdefault(key, {
+            "key": key, "method": rec.get("method"), "options": report_data.identity(rec),
+            "defaults": report_data.defaults_of(rec)})
+    for rows in by_dataset.values():
+        labels.update(report_data.row_labels(list(rows.values())))
+    return labels
 
 
 def _order_key(label: str, method: str) -> tuple[int, str]:
@@ -82,35 +124,35 @@ def _modalities(df: pd.DataFrame, prefix: str) -> list[str]:
 
 
 # --- statistics -----------------------------------------------------------------------------------
-def paired_gap(values: pd.Series, baseline: pd.Series) -> tuple[float, float, int]:
-    """Mean paired difference (points), paired t-test p-value and number of pairs, over the seeds
-    both have. p is NaN with fewer than two pairs or identical differences."""
-    from scipy import stats
-
-    common = values.index.intersection(baseline.index)
-    if len(common) == 0:
-        return math.nan, math.nan, 0
-    diff = (values.loc[common] - baseline.loc[common]) * 100
-    if len(common) < 2 or np.allclose(diff.to_numpy(), diff.iloc[0]):
-        return float(diff.mean()), math.nan, len(common)
-    p = stats.ttest_rel(values.loc[common], baseline.loc[common]).pvalue
-    return float(diff.mean()), float(p), len(common)
+def baseline_label(table_labels: list[str], methods: list[str], baseline: str) -> str | None:
+    """The row the others are compared with: the one labelled ``baseline``, else the only row of
+    the method ``baseline`` (None when there is none or several)."""
+    if baseline in table_labels:
+        return baseline
+    rows = [lab for lab, meth in zip(table_labels, methods) if meth == baseline]
+    return rows[0] if len(rows) == 1 else None
 
 
-def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Numeric summary of one dataset's records: one row per label."""
+def dataset_table(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """Numeric summary of one dataset's records: one row per configuration (label)."""
     probes = _modalities(df, "probe:")
-    base = df[df["label"] == BASELINE].groupby("seed")["accuracy"].mean()
+    firsts = df.drop_duplicates("label")
+    base_label = baseline_label(list(firsts["label"]), list(firsts["method"]), baseline)
+    base = (df[df["label"] == base_label].groupby("seed")["accuracy"].mean() if base_label
+            else pd.Series(dtype=float))
     alone = df[df["method"] == "unimodal"]  # each encoder trained alone: the probe it can reach
     alone_probe = {m: alone[f"probe:{m}"].dropna().mean() * 100 for m in probes}
     rows = []
     for label, group in df.groupby("label", sort=False):
         method = group["method"].iloc[0]
         by_seed = group.groupby("seed")[["accuracy", "macro_f1"]].mean()
-        row: dict[str, Any] = {"label": label, "method": method, "runs": len(by_seed)}
+        row: dict[str, Any] = {"label": label, "method": method, "runs": len(by_seed),
+                               "baseline": base_label or ""}
         for metric in ("accuracy", "macro_f1"):
             row[f"{metric}_mean"] = by_seed[metric].mean() * 100
             row[f"{metric}_std"] = by_seed[metric].std(ddof=1) * 100 if len(by_seed) > 1 else math.nan
+            lo, hi = t_interval(by_seed[metric] * 100)
+            row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = lo, hi
         probe_means = []
         for mod in probes:
             vals = group[f"probe:{mod}"].dropna()
@@ -121,14 +163,17 @@ def dataset_table(df: pd.DataFrame) -> pd.DataFrame:
         row["probe_gap"] = max(probe_means) - min(probe_means) if len(probe_means) > 1 else math.nan
         for mod in probes:  # how far each encoder falls short of the same encoder trained alone
             row[f"shortfall_{mod}"] = alone_probe[mod] - row[f"probe_{mod}_mean"] if method != "unimodal" else math.nan
-        if label == BASELINE or base.empty:
-            row.update(delta_joint=math.nan, p_value=math.nan, pairs=0)
+        if label == base_label or base.empty:
+            row.update(delta=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan, p_value=math.nan, pairs=0)
         else:
             delta, p, n = paired_gap(by_seed["accuracy"], base)
-            row.update(delta_joint=delta, p_value=p, pairs=n)
+            lo, hi = paired_interval(by_seed["accuracy"], base)
+            row.update(delta=delta, delta_ci_low=lo, delta_ci_high=hi, p_value=p, pairs=n)
+        row["still_improving"] = int(group["still_improving"].sum())
         row["seconds"] = group["wall_seconds"].mean()
         rows.append(row)
     table = pd.DataFrame(rows)
+    table["p_holm"] = holm(table["p_value"].to_numpy())
     order = sorted(range(len(table)), key=lambda i: _order_key(table["label"][i], table["method"][i]))
     return table.iloc[order].reset_index(drop=True)
 
@@ -151,10 +196,21 @@ def _p(x: float) -> str:
     return "—" if x != x else (f"{x:.3f}" if x >= 0.001 else "<0.001")
 
 
+def _ci(lo: float, hi: float) -> str:
+    return "—" if lo != lo else f"[{lo:.1f}, {hi:.1f}]"
+
+
+def _converged(row: Any) -> str:
+    return "yes" if not row.still_improving else f"no ({row.still_improving}/{row.runs} runs)"
+
+
 def display_table(table: pd.DataFrame, probes: list[str]) -> pd.DataFrame:
-    """The table as text cells (percent, one decimal)."""
-    out = pd.DataFrame({"method": table["label"], "seeds": table["runs"].astype(str)})
+    """The table as text cells (percent, one decimal); rows still improving are marked †."""
+    base = next((b for b in table.get("baseline", []) if b), "") or BASELINE
+    out = pd.DataFrame({"method": [lab + (" †" if n else "") for lab, n in zip(table["label"], table["still_improving"])],
+                        "seeds": table["runs"].astype(str)})
     out["accuracy %"] = [_pm(m, s) for m, s in zip(table["accuracy_mean"], table["accuracy_std"])]
+    out["95% CI"] = [_ci(lo, hi) for lo, hi in zip(table["accuracy_ci_low"], table["accuracy_ci_high"])]
     out["macro-F1 %"] = [_pm(m, s) for m, s in zip(table["macro_f1_mean"], table["macro_f1_std"])]
     for mod in probes:
         out[f"probe {mod} %"] = [_pm(m, s) for m, s in zip(table[f"probe_{mod}_mean"], table[f"probe_{mod}_std"])]
@@ -163,8 +219,11 @@ def display_table(table: pd.DataFrame, probes: list[str]) -> pd.DataFrame:
     for mod in probes:
         if table[f"shortfall_{mod}"].notna().any():
             out[f"{mod} vs alone"] = [_signed(-x) for x in table[f"shortfall_{mod}"]]
-    out["Δ joint"] = [_signed(x) for x in table["delta_joint"]]
+    out[f"Δ {base}"] = [_signed(x) for x in table["delta"]]
+    out["Δ 95% CI"] = [_ci(lo, hi) for lo, hi in zip(table["delta_ci_low"], table["delta_ci_high"])]
     out["p (paired t)"] = [_p(x) for x in table["p_value"]]
+    out["p (Holm)"] = [_p(x) for x in table["p_holm"]]
+    out["converged"] = [_converged(r) for r in table.itertuples()]
     out["time s"] = [f"{x:.1f}" for x in table["seconds"]]
     return out
 
@@ -178,21 +237,24 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 _LATEX_ESCAPE = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
-                 "±": r"$\pm$", "Δ": r"$\Delta$", "—": "--", "<": r"$<$", "λ": r"$\lambda$"}
+                 "±": r"$\pm$", "Δ": r"$\Delta$", "—": "--", "<": r"$<$", "λ": r"$\lambda$", "†": r"$^\dagger$"}
 
 
 def _tex(text: Any) -> str:
     return re.sub("|".join(map(re.escape, _LATEX_ESCAPE)), lambda m: _LATEX_ESCAPE[m.group()], str(text))
 
 
-def latex(df: pd.DataFrame, caption: str) -> str:
+def latex(df: pd.DataFrame, caption: str, label: str = "") -> str:
     cols = list(df.columns)
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
              r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", r"\toprule",
              " & ".join(_tex(c) for c in cols) + r" \\", r"\midrule"]
     for _, row in df.iterrows():
         lines.append(" & ".join(_tex(row[c]) for c in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(caption)}}}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(caption)}}}"]
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
@@ -240,7 +302,32 @@ def _udi_frame(df: pd.DataFrame) -> pd.DataFrame:
     return udi
 
 
-def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
+FIGURE_FORMATS = ("png", "pdf")
+
+
+def _dot_interval(ax: Any, groups: list[tuple[str, np.ndarray]], horizontal: bool, color: str) -> None:
+    """Each group's seeds (small dots), mean (large dot) and Student-t 95% interval (bar)."""
+    for i, (_, values) in enumerate(groups):
+        mean = float(np.mean(values))
+        lo, hi = t_interval(values)
+        err = None if lo != lo else [[mean - lo], [hi - mean]]
+        pos = np.full(len(values), i, dtype=float)
+        if horizontal:
+            ax.scatter(values, pos, s=9, color="black", alpha=0.6, zorder=3)
+            ax.errorbar(mean, i, xerr=err, fmt="o", color=color, ms=6, capsize=3, zorder=2)
+        else:
+            ax.scatter(pos, values, s=9, color="black", alpha=0.6, zorder=3)
+            ax.errorbar(i, mean, yerr=err, fmt="o", color=color, ms=6, capsize=3, zorder=2)
+    names = [name for name, _ in groups]
+    if horizontal:
+        ax.set_yticks(range(len(names)), names)
+        ax.set_ylim(len(names) - 0.5, -0.5)
+    else:
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+
+
+def make_figures(dataset: str, df: pd.DataFrame, out: Path, baseline: str = BASELINE) -> list[Path]:
+    """The dataset's figures, each as PNG and PDF; returns every file written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,22 +339,24 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
     labels = sorted(df["label"].unique(), key=lambda lab: _order_key(lab, df[df["label"] == lab]["method"].iloc[0]))
 
     def save(fig: Any, name: str) -> None:
-        path = out / f"{dataset}-{name}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        for fmt in FIGURE_FORMATS:
+            path = out / f"{dataset}-{name}.{fmt}"
+            fig.savefig(path, dpi=120)
+            written.append(path)
         plt.close(fig)
-        written.append(path)
 
-    acc = df.assign(accuracy=df["accuracy"] * 100)
     height = 0.32 * len(labels) + 1.2
     fig, ax = plt.subplots(figsize=(7, height))
-    sns.barplot(acc, y="label", x="accuracy", order=labels, errorbar="sd", color="#8fb3d9", ax=ax)
-    sns.stripplot(acc, y="label", x="accuracy", order=labels, color="black", size=3, jitter=False, ax=ax)
-    base = acc[acc["label"] == BASELINE]["accuracy"].mean()
-    if base == base:
-        ax.axvline(base, color="#c0392b", ls="--", lw=1, label="joint")
+    groups = [(lab, df[df["label"] == lab].groupby("seed")["accuracy"].mean().to_numpy() * 100) for lab in labels]
+    _dot_interval(ax, groups, horizontal=True, color="#2f6db3")
+    firsts = df.drop_duplicates("label")
+    base_label = baseline_label(list(firsts["label"]), list(firsts["method"]), baseline)
+    if base_label:
+        ax.axvline(df[df["label"] == base_label]["accuracy"].mean() * 100, color="#c0392b", ls="--", lw=1,
+                   label=base_label)
         ax.legend(loc="lower right")
-    ax.set(xlabel="test accuracy % (mean ± sd over seeds; dots: seeds)", ylabel="", title=dataset)
+    ax.set(xlabel=f"test accuracy % (mean, {CI_KIND} interval; small dots: seeds)", ylabel="", title=dataset)
     save(fig, "accuracy")
 
     probe_cols = [c for c in df.columns if c.startswith("probe:") and df[c].notna().any()]
@@ -279,7 +368,8 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, height))
         sns.barplot(long, y="label", x="probe", hue="modality", order=[lab for lab in labels if lab in set(long["label"])],
                     errorbar="sd", ax=ax)
-        ax.set(xlabel="linear-probe accuracy % per modality (frozen encoder)", ylabel="",
+        ax.set_xlim(0, 100)  # bars start at zero
+        ax.set(xlabel="linear-probe accuracy % per modality (frozen encoder; mean ± sd)", ylabel="",
                title=f"{dataset}: how much each encoder learned")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title="modality")
         save(fig, "probes")
@@ -287,19 +377,19 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
     udi = _udi_frame(df)
     if not udi.empty:
         ablations = (
-            (udi[udi["anchor"] == "auto"], "weights", "dynamic", (6, 3.2), "#9bc49b", "(λ_con, λ_com)",
+            (udi[udi["anchor"] == "auto"], "weights", "dynamic", (6, 3.2), "#3c8d3c", "(λ_con, λ_com)",
              "UDI static vs dynamic weights", "udi-static-vs-dynamic"),
-            (udi[udi["controller"] == "dynamic"], "anchor", "auto", (5, 3.2), "#d9b38f", "anchor",
+            (udi[udi["controller"] == "dynamic"], "anchor", "auto", (5, 3.2), "#b36b2f", "anchor",
              "UDI anchor sensitivity", "udi-anchor"),
         )
         for frame, column, first, size, color, xlabel, title, name in ablations:
             if frame[column].nunique() > 1:
                 fig, ax = plt.subplots(figsize=size)
                 order = [first] + sorted(v for v in frame[column].unique() if v != first)
-                sns.barplot(frame.assign(accuracy=frame["accuracy"] * 100), x=column, y="accuracy",
-                            order=order, errorbar="sd", color=color, ax=ax)
-                _ylim_around(ax, frame["accuracy"] * 100)
-                ax.set(xlabel=xlabel, ylabel="test accuracy %", title=f"{dataset}: {title}")
+                groups = [(v, frame[frame[column] == v].groupby("seed")["accuracy"].mean().to_numpy() * 100)
+                          for v in order if (frame[column] == v).any()]
+                _dot_interval(ax, groups, horizontal=False, color=color)
+                ax.set(xlabel=xlabel, ylabel=f"test accuracy % ({CI_KIND})", title=f"{dataset}: {title}")
                 save(fig, name)
         trace = _controller_trace(udi[(udi["controller"] == "dynamic") & (udi["anchor"] == "auto")])
         if not trace.empty:
@@ -318,12 +408,6 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path) -> list[Path]:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title=None)
         save(fig, "learning-curves")
     return written
-
-
-def _ylim_around(ax: Any, values: pd.Series) -> None:
-    lo, hi = float(values.min()), float(values.max())
-    pad = max(2.0, (hi - lo) * 0.5)
-    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
 
 
 def _controller_trace(udi: pd.DataFrame) -> pd.DataFrame:
@@ -368,55 +452,130 @@ def _dataset_order(names: Iterable[str]) -> list[str]:
     return [n for n in first if n in names] + sorted(n for n in names if n not in first)
 
 
-def write_report(store_dir: Path, out: Path, readme: Path | None = None, figures: bool = True) -> list[Path]:
-    """Write every table and figure of the store into ``out``; rewrite README's results section."""
-    store = Store(store_dir)
-    store.check_readable()
-    df = load_frame(store)
-    if df.empty:
-        raise UsageError(f"store {str(store_dir)!r} has no successful run records; run a sweep into it first")
-    if readme is not None and not readme.is_file():
+def default_out(store_dir: Path) -> Path:
+    """Where a report goes unless told: a ``reports/`` folder beside the store."""
+    return store_dir.expanduser().resolve().parent / "reports"
+
+
+def repository_readme(store_dir: Path) -> Path | None:
+    """The repository's README.md when ``store_dir`` is the repository's own ``results/`` (only then
+    is its results section rewritten without ``--readme``)."""
+    readme = REPO / "README.md"
+    if store_dir.expanduser().resolve() == (REPO / "results").resolve() and readme.is_file():
+        return readme
+    return None
+
+
+def _check_readme(readme: Path) -> None:
+    if not readme.is_file():
         raise UsageError(f"README {str(readme)!r} does not exist; give --readme PATH or --readme none")
-    if readme is not None and (README_BEGIN not in readme.read_text() or README_END not in readme.read_text()):
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
         raise UsageError(f"{readme} lacks the {README_BEGIN} / {README_END} markers; add them where the "
                          "results table goes")
+
+
+def write_report(store_dir: Path, out: Path | None = None, readme: Path | None = None, figures: bool = True,
+                 baseline: str = BASELINE, smoke: bool | None = None) -> list[Path]:
+    """Write every table and figure of the records under ``store_dir`` into ``out`` (default: a
+    ``reports/`` folder beside the store); rewrite ``readme``'s results section when given."""
+    store = Store(store_dir)
+    store.check_readable()
+    out = default_out(store_dir) if out is None else out
+    records = report_data.load_records(store.root)
+    full = [r for r in records if r.get("status") == "ok" and not r.get("smoke")]
+    smoke_ok = [r for r in records if r.get("status") == "ok" and r.get("smoke")]
+    if not full and not smoke_ok:
+        raise UsageError(f"store {str(store_dir)!r} has no successful run records (looked for records/*/*.json "
+                         "and *.json); run a sweep into it or give the folder `run --out` wrote")
+    use_smoke = bool(smoke) or not full
+    if smoke is False and not full:
+        raise UsageError(f"store {str(store_dir)!r} has only smoke records; report them with --smoke")
+    df = _frame(smoke_ok if use_smoke else full)
+    if readme is not None:
+        _check_readme(readme)
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     written: list[Path] = []
     summary_md = [f"# Results\n\nGenerated by `{COMMAND} --store {store_dir}` from {len(df)} run records "
-                  f"(reads the store only). Accuracy and macro-F1: test split, best-validation checkpoint, "
-                  f"mean ± sd over seeds (%). Probe: linear probe on each frozen encoder. Δ joint: mean paired "
-                  f"difference to `joint` over the seeds both have (points), p from a paired t-test.\n"]
-    if df["smoke"].any():
+                  f"(reads the records only). One row per configuration: records that differ in any option but "
+                  f"the seed and locations never share a row; a row's label names the options in which it differs "
+                  f"from the method's defaults. Accuracy and macro-F1: test split, best-validation checkpoint, "
+                  f"mean ± sd over seeds (%); 95% CI: {CI_KIND} interval of the mean over seeds. Probe: linear "
+                  f"probe on each frozen encoder. Δ: mean paired difference to the baseline row (`{baseline}`) over "
+                  f"the seeds both have (points), its {CI_KIND} interval, the paired t-test p and Holm's "
+                  f"adjustment across the rows of each table. † (converged: no): validation accuracy was still "
+                  f"improving at the end of the budget in some run (the best of the last max(3, ⌈E/5⌉) epochs "
+                  f"more than 1 point above the best before them, without early stopping).\n"]
+    if use_smoke:
         summary_md.append("**Smoke records (tiny subsets): numbers are not meaningful.**\n")
+    elif smoke_ok:
+        summary_md.append(f"{len(smoke_ok)} smoke records (tiny subsets) left out; `--smoke` reports them.\n")
     all_rows = []
     tables: dict[str, pd.DataFrame] = {}
     for dataset in _dataset_order(df["dataset"].unique()):
         sub = df[df["dataset"] == dataset]
-        table = dataset_table(sub)
+        table = dataset_table(sub, baseline)
         tables[dataset] = table
         probes = _modalities(sub, "probe:")
         shown = display_table(table, probes)
-        caption = f"{dataset}: test accuracy and macro-F1 (mean ± sd over seeds, %), linear-probe accuracy per modality, gap to joint with a paired t-test."
-        md = [f"## {dataset}\n", markdown(shown) + "\n"]
+        note = report_data.common_note(_table_rows([r for r in (smoke_ok if use_smoke else full)
+                                                    if r.get("dataset") == dataset]))
+        base = next((b for b in table["baseline"] if b), None)
+        caption = (f"{dataset}: test accuracy and macro-F1 (mean ± sd over seeds, %) with the {CI_KIND} interval, "
+                   f"linear-probe accuracy per modality, paired difference to {base or 'the baseline (none)'} "
+                   f"with paired t-test p-values, Holm-adjusted across the rows."
+                   + (f" All rows: {note}." if note else "") + " † still improving at the end of its budget.")
+        md = [f"## {dataset}\n", (f"All rows: {note}.\n" if note else ""), markdown(shown) + "\n"]
         published = published_table(dataset, table)
         if published is not None and len(published):
             md += ["### Published figures beside ours\n", markdown(published) + "\n", PUBLISHED_NOTE + "\n"]
         if figures:
-            paths = make_figures(dataset, sub, out / "figures")
+            paths = make_figures(dataset, sub, out / "figures", baseline)
             written += paths
-            md += [f"![{p.stem}](figures/{p.name})\n" for p in paths]
+            md += [f"![{p.stem}](figures/{p.name}) ([PDF](figures/{p.with_suffix('.pdf').name}))\n"
+                   for p in paths if p.suffix == ".png"]
         text = "\n".join(md)
         _write(out / f"{dataset}.md", f"# {dataset}\n\nGenerated by `{COMMAND}`.\n\n" + text.split("\n", 1)[1], written)
-        _write(out / f"{dataset}.tex", latex(shown, caption), written)
+        _write(out / f"{dataset}.tex", latex(shown, caption, f"tab:{_slug(dataset)}"), written)
         csv = table.assign(dataset=dataset)
         _write(out / f"{dataset}.csv", csv.to_csv(index=False, float_format="%.4f"), written)
         all_rows.append(csv)
         summary_md.append(text)
     _write(out / "summary.csv", pd.concat(all_rows).to_csv(index=False, float_format="%.4f"), written)
+    written += export_runs(records, out)
     _write(out / "README.md", "\n".join(summary_md), written)
     if readme is not None:
-        update_readme(readme, readme_section(tables, df, store_dir, out))
+        link = os.path.relpath(out.resolve(), readme.resolve().parent)
+        update_readme(readme, readme_section(tables, df, store_dir, link))
+    return written
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _table_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = {}
+    for rec in records:
+        key = report_data.identity_key(rec)
+        rows[key] = {"key": key, "method": rec.get("method"), "options": report_data.identity(rec),
+                     "defaults": report_data.defaults_of(rec)}
+    return list(rows.values())
+
+
+def export_runs(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``runs.csv`` and ``runs.parquet``: one row per record (every status, smoke included) with
+    its resolved options as columns and the table row it belongs to."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    labels = {**_labels([r for r in ok if r.get("smoke")]), **_labels([r for r in ok if not r.get("smoke")])}
+    frame = report_data.export_frame(records, labels)
+    written: list[Path] = []
+    _write(out / "runs.csv", frame.to_csv(index=False), written)
+    tmp = out / ".runs.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out / "runs.parquet")
+    written.append(out / "runs.parquet")
     return written
 
 
@@ -427,28 +586,31 @@ def _write(path: Path, text: str, written: list[Path]) -> None:
     written.append(path)
 
 
-def readme_section(tables: dict[str, pd.DataFrame], df: pd.DataFrame, store_dir: Path, out: Path) -> str:
-    """The main table: one row per method (UDI with its default settings), one column per dataset."""
+def readme_section(tables: dict[str, pd.DataFrame], df: pd.DataFrame, store_dir: Path, out: Path | str) -> str:
+    """The main table: one column per dataset, one row per method in its default configuration
+    (the row labelled by the method's name), the unimodal rows side by side."""
     datasets = list(tables)
     rows: dict[str, dict[str, str]] = {}
     order: list[tuple[tuple[int, str], str]] = []
+    base = BASELINE
     for dataset, table in tables.items():
+        base = next((b for b in table["baseline"] if b), base)
         for row in table.itertuples():
-            name = row.label
-            if row.method == "udi":
-                if name not in ("udi", "udi anchor=auto"):
-                    continue
-                name = "udi"
+            mark = " †" if row.still_improving else ""
             if row.method == "unimodal":
                 name = "unimodal (per modality)"
-                cell = f"{row.label.split(' ', 1)[-1]} {row.accuracy_mean:.1f}"
+                modality = row.label.split(" ", 1)[-1].removeprefix("modality=")
+                cell = f"{modality} {row.accuracy_mean:.1f}{mark}"
                 rows.setdefault(name, {})
                 rows[name][dataset] = (rows[name].get(dataset, "") + " / " + cell).strip(" /")
-            else:
-                cell = _pm(row.accuracy_mean, row.accuracy_std)
-                if row.method != BASELINE and row.delta_joint == row.delta_joint:
-                    cell += f" ({_signed(row.delta_joint)})"
+            elif row.label == row.method:
+                name = row.label
+                cell = _pm(row.accuracy_mean, row.accuracy_std) + mark
+                if row.delta == row.delta:
+                    cell += f" ({_signed(row.delta)})"
                 rows.setdefault(name, {})[dataset] = cell
+            else:
+                continue
             if name not in [n for _, n in order]:
                 order.append((_order_key(name, row.method), name))
     header = ["method"] + datasets
@@ -456,10 +618,12 @@ def readme_section(tables: dict[str, pd.DataFrame], df: pd.DataFrame, store_dir:
     for _, name in sorted(order):
         lines.append("| " + " | ".join([name] + [rows[name].get(d, "") for d in datasets]) + " |")
     seeds = int(df.groupby(["dataset", "label"])["seed"].nunique().max())
-    return (f"Test accuracy % (mean ± sd over {seeds} seeds; in brackets the paired gap to `joint` in points), "
+    return (f"Test accuracy % (mean ± sd over {seeds} seeds; in brackets the paired gap to `{base}` in points; "
+            f"† still improving at the end of its budget), each method in its default configuration, "
             f"regenerated by `{COMMAND} --store {store_dir}` from the records in `{store_dir}/`. "
-            f"Per-dataset tables with macro-F1, linear probes per modality, p-values, the UDI ablations "
-            f"and figures: [`{out}/README.md`]({out}/README.md).\n\n" + "\n".join(lines))
+            f"Per-dataset tables with 95% confidence intervals, macro-F1, linear probes per modality, Holm-adjusted "
+            f"p-values, every variant, the UDI ablations and figures: [`{out}/README.md`]({out}/README.md).\n\n"
+            + "\n".join(lines))
 
 
 def update_readme(readme: Path, section: str) -> None:
@@ -473,24 +637,37 @@ def update_readme(readme: Path, section: str) -> None:
 
 
 # --- command line (also ``python -m benchmark.report``: no torch needed) ------------------------------
-DESCRIPTION = ("Per dataset: mean ± std over seeds of accuracy and macro-F1, per-modality probe accuracies, "
-               "the gap to joint with a paired test over seeds (Markdown, CSV, LaTeX), and figures; "
-               "rewrites the results section of README.md. Reads the result store only.")
+DESCRIPTION = ("Per dataset, one row per configuration: mean ± sd, Student-t 95% CI and seeds of accuracy and "
+               "macro-F1, per-modality probe accuracies, the paired gap to a baseline row with Holm-adjusted "
+               "p-values (Markdown, CSV, LaTeX), a one-row-per-run export (CSV, Parquet), and figures (PNG, PDF). "
+               "Reads the records only; writes into --out, and README.md only when asked or for the "
+               "repository's own results/.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default="results", help="result store folder [results]")
-    p.add_argument("--out", default="reports", help="folder for tables and figures [reports]")
-    p.add_argument("--readme", default="README.md",
-                   help="README whose results section is rewritten; 'none' leaves it [README.md]")
+    p.add_argument("--store", default="results",
+                   help="a sweep store or a folder of `run --out` records [results]")
+    p.add_argument("--out", default=None, help="folder for tables and figures [a reports/ folder beside the store]")
+    p.add_argument("--readme", default=None,
+                   help="README whose results section is rewritten ('none': no README) [the repository's "
+                        "README.md when the store is the repository's results/, else none]")
+    p.add_argument("--baseline", default=BASELINE,
+                   help=f"row (label, or a method with one row) the others are compared with [{BASELINE}]")
+    p.add_argument("--smoke", action="store_true", help="report the smoke records (left out otherwise)")
     p.add_argument("--no-figures", action="store_true", help="tables only")
 
 
 def report_command(args: argparse.Namespace) -> int:
-    readme = None if args.readme.lower() == "none" else Path(args.readme)
-    written = write_report(Path(args.store), Path(args.out), readme, figures=not args.no_figures)
-    print(f"report: {len(written)} files in {args.out}" + (f"; results section of {readme} rewritten"
-                                                            if readme else ""))
+    store = Path(args.store)
+    if args.readme is None:
+        readme = repository_readme(store)
+    else:
+        readme = None if args.readme.lower() == "none" else Path(args.readme)
+    out = Path(args.out) if args.out else default_out(store)
+    written = write_report(store, out, readme, figures=not args.no_figures, baseline=args.baseline,
+                           smoke=True if args.smoke else None)
+    print(f"report: {len(written)} files in {out}" + (f"; results section of {readme} rewritten"
+                                                      if readme else ""))
     return 0
 
 

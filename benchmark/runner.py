@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from benchmark.config import RunConfig, config_hash
+from benchmark.convergence import RULE as CONVERGENCE_RULE
 from benchmark.data import MultimodalData, create_dataset, resolve_dataset_options
 from benchmark.device import pick_device, seed_everything, seeded, set_determinism
 from benchmark.errors import DivergedError, UsageError
@@ -63,6 +64,25 @@ def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
     return PreparedRun(cfg, data, method, device, resolved)
 
 
+def defaults_of(run: PreparedRun) -> dict[str, Any]:
+    """The suite's, the method's and the dataset's default options, flat as in the report
+    (``method.<name>``, ``dataset.<name>``, ``encoder.<modality>``): a report labels each row by
+    the options in which it differs from these."""
+    from benchmark.report_data import flat_options
+
+    defaults = RunConfig(method=run.cfg.method, dataset=run.cfg.dataset).to_dict()
+    try:
+        defaults["method_options"] = options_of(type(run.method.options)())
+    except TypeError:  # an options class with required fields has no defaults to name
+        defaults["method_options"] = {}
+    try:
+        defaults["dataset_options"] = options_of(resolve_dataset_options(run.cfg.dataset, {}))
+    except UsageError:
+        defaults["dataset_options"] = {}
+    defaults["encoder"] = {m: run.data.info.modality(m).encoder for m in run.data.info.modality_names}
+    return flat_options(defaults)
+
+
 def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
@@ -83,6 +103,48 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
     return versions
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What decides whether a run repeats to the bit: threads, processor, deterministic kernels."""
+    env: dict[str, Any] = {
+        "threads": torch.get_num_threads(), "cpu": cpu_model(), "device_type": device.type,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def convergence(trainer: Trainer, facts: dict[str, Any]) -> dict[str, Any]:
+    """Per stage: budget, patience, whether early stopping ended it and whether validation accuracy
+    was still improving at its end (benchmark.convergence), for the stages this run trained and
+    the unimodal checkpoints it reused."""
+    out: dict[str, Any] = {name: {"budget": s.budget, "patience": s.patience, "epochs_run": s.epochs_run,
+                                  "stopped_early": s.stopped_early, "still_improving": s.still_improving}
+                           for name, s in trainer.stages.items()}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("reused") is True and isinstance(node.get("convergence"), dict):
+                out.setdefault(f"unimodal:{node.get('modality')}", dict(node["convergence"], reused=True))
+            for value in node.values():
+                walk(value)
+
+    walk(facts)
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -153,11 +215,16 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
         "dataset": cfg.dataset,
         "seed": cfg.seed,
         "config": run.resolved,
+        "defaults": defaults_of(run),
         "metrics": metrics,
         "method_record": facts,
         "stages": {name: {k: v for k, v in vars(s).items() if k != "history"}
                    for name, s in trainer.stages.items()},
         "history": trainer.history,
+        "convergence": convergence(trainer, facts),
+        "convergence_rule": CONVERGENCE_RULE,
+        "smoke": False,
+        "environment": environment(run.device),
         "device": str(run.device),
         "git_commit": git_commit(),
         "versions": package_versions(),

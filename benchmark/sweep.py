@@ -390,7 +390,7 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                     for seed in seeds:
                         assignments = {**settings, **options, "seed": seed}
                         if smoke:
-                            assignments["epochs"] = smoke.epochs
+                            assignments["epochs"] = assignments["unimodal_epochs"] = smoke.epochs
                         if not _selected(filters, label, assignments):
                             continue
                         try:

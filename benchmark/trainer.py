@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from benchmark.config import RunConfig
+from benchmark.convergence import stage_facts
 from benchmark.data.base import MultimodalData, iterate_batches
 from benchmark.device import amp_dtype, derive_seed
 from benchmark.errors import DivergedError
 from benchmark.method import Batch, EvalOutput, Stage, StepContext, make_optimizer
+from benchmark.precise_bn import recompute_batchnorm
 
 
 @dataclass
@@ -28,6 +30,10 @@ class StageResult:
     epochs_run: int
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    budget: int = 0
+    patience: int = 0
+    stopped_early: bool = False
+    still_improving: bool = False
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: RunConfig, epochs: int) -> Any:
@@ -148,6 +154,19 @@ class Trainer:
         )
         return merged, torch.cat(labels)
 
+    def recalibrate(self, stage: Stage) -> int:
+        """Precise BatchNorm statistics of the stage's trained layers (see benchmark.precise_bn),
+        from the first ``cfg.precise_bn`` training samples in a fixed order."""
+        if not self.cfg.precise_bn:
+            return 0
+
+        def forward(batch: Batch) -> None:
+            with self.autocast():
+                stage.predict(batch)
+
+        return recompute_batchnorm(stage.module, self.batches("train", shuffle=False, batch_size=self.cfg.batch_size),
+                                   forward, self.cfg.precise_bn)
+
     # --- training -----------------------------------------------------------------------------
     def fit(self, stage: Stage) -> StageResult:
         """Train one stage; afterwards ``stage.module`` holds its best-validation weights."""
@@ -167,6 +186,7 @@ class Trainer:
         history: list[dict[str, Any]] = []
         train_seconds = 0.0
         epoch = -1
+        stopped = False
         for epoch in range(epochs):
             stage.module.train()
             ctx = StepContext(self, stage, epoch, 0, num_batches, optimizers)
@@ -218,6 +238,7 @@ class Trainer:
                     f"stage {stage.name}: non-finite {', '.join(bad)} at epoch {epoch}; "
                     "lower the learning rate (--set lr=...)"
                 )
+            self.recalibrate(stage)
             val_acc = self.accuracy(stage.predict, stage.module, "val")
             row = {"stage": stage.name, "epoch": epoch, **{f"train_{k}": v for k, v in means.items()},
                    "val_accuracy": val_acc, "lr": optimizers[0].param_groups[0]["lr"],
@@ -237,9 +258,13 @@ class Trainer:
                 sched.step()
             if patience and epoch - best_epoch >= patience:
                 self.log(f"[{stage.name}] early stop: no better validation accuracy for {patience} epochs")
+                stopped = True
                 break
         if best_state is not None:
             stage.module.load_state_dict(best_state)
-        result = StageResult(stage.name, best_epoch, best_acc, epoch + 1, train_seconds, history)
+        facts = stage_facts([row["val_accuracy"] for row in history], epochs, patience, stopped)
+        result = StageResult(stage.name, best_epoch, best_acc, epoch + 1, train_seconds, history,
+                             budget=epochs, patience=patience, stopped_early=stopped,
+                             still_improving=facts["still_improving"])
         self.stages[stage.name] = result
         return result

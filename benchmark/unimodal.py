@@ -1,14 +1,22 @@
 """Unimodal training shared by ``unimodal``, ``ensemble``, UDI's anchor phase and MCR's
 initialisation: one encoder + linear head trained with CE.
 
+Unimodal training runs to convergence: early stopping on validation accuracy
+(``unimodal_patience`` epochs, default 8) under an epoch cap (``unimodal_epochs``, default the
+run's ``epochs``), the best epoch restored.
+
 A trained unimodal model is cached under the run's cache directory, keyed by everything that
 determines its weights (dataset and its options, seed, modality, encoder, optimiser settings,
-epochs, batch size, patience). A later run with the same key loads the checkpoint instead of
-training again, and says so in its record.
+budget and patience, BatchNorm recalibration, device type and precision) and by a fingerprint of
+the code and architecture that produced them. A later run with the same key loads the checkpoint
+instead of training again, and says so in its record; a checkpoint of the same configuration made
+by other code (a changed fingerprint) is retrained, and the record says why.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import socket
 import tempfile
@@ -22,7 +30,7 @@ from torch import nn
 
 from benchmark.config import config_hash
 from benchmark.data import MultimodalData, resolve_dataset_options
-from benchmark.device import seeded
+from benchmark.device import amp_dtype, seeded
 from benchmark.method import Batch, EvalOutput, Stage, StepContext, options_of
 from benchmark.registry import DATASETS
 
@@ -31,8 +39,8 @@ if TYPE_CHECKING:
     from benchmark.trainer import Trainer
 
 # Shared options that determine a unimodal model's weights (see unimodal_key).
-_KEY_FIELDS = ("dataset", "seed", "epochs", "batch_size", "optimizer", "lr",
-               "momentum", "weight_decay", "scheduler", "step_size", "gamma", "patience", "amp")
+_KEY_FIELDS = ("dataset", "seed", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+               "scheduler", "step_size", "gamma", "precise_bn")
 
 
 class UnimodalModel(nn.Module):
@@ -58,6 +66,13 @@ def build_unimodal(method: Method, modality: str) -> UnimodalModel:
     every method that trains this modality from scratch starts from the same weights."""
     with seeded(method.cfg.seed, seed_key(modality)):
         return UnimodalModel(modality, method.make_encoder(modality), method.info.num_classes)
+
+
+def unimodal_budget(method: Method) -> tuple[int, int]:
+    """(epoch cap, patience) of unimodal training: ``unimodal_epochs`` (0 = the run's epochs)
+    and ``unimodal_patience``."""
+    cfg = method.cfg
+    return cfg.unimodal_epochs or cfg.epochs, cfg.unimodal_patience
 
 
 def unimodal_stage(model: UnimodalModel, **overrides: Any) -> Stage:
@@ -91,8 +106,59 @@ def unimodal_key(method: Method, modality: str, data: MultimodalData) -> dict[st
                               if registered else dict(method.cfg.dataset_options))
     # the data themselves: the cached dataset's content hash, else the generator's recipe
     key["data"] = data.manifest.get("content_hash") or config_hash(data.manifest)
-    key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v2")
+    key["epochs"], key["patience"] = unimodal_budget(method)
+    key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v3")
+    key["device_type"] = method.device.type if getattr(method, "device", None) is not None else "cpu"
+    dtype = amp_dtype(method.cfg.amp, torch.device(key["device_type"]))
+    key["precision"] = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    key["fingerprint"] = code_fingerprint(build_unimodal(method, modality))
     return key
+
+
+def _training_code() -> list[Any]:
+    """Code whose change changes the weights a unimodal training produces (besides the model's)."""
+    from benchmark.method import make_optimizer
+    from benchmark.precise_bn import recompute_batchnorm
+    from benchmark.trainer import Trainer
+
+    return [unimodal_stage, Trainer.fit, Trainer.recalibrate, recompute_batchnorm, make_optimizer]
+
+
+def code_fingerprint(model: nn.Module) -> str:
+    """A hash of the code and architecture that produce a unimodal model's weights: the source of
+    every class in the model that is not PyTorch's own, the module tree (repr), the names, shapes
+    and dtypes of its parameters and buffers, and the source of the training code."""
+    parts = [repr(model)]
+    parts += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
+    classes = sorted({type(m) for m in model.modules() if not type(m).__module__.startswith("torch")},
+                     key=lambda c: f"{c.__module__}.{c.__qualname__}")
+    parts += [_source(obj) for obj in [*_training_code(), *classes]]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):  # defined interactively: its name stands for it
+        return getattr(obj, "__qualname__", repr(obj))
+
+
+def checkpoint_path(cache_dir: str, key: dict[str, Any]) -> Path:
+    """The checkpoint's file: one per configuration, whatever code made it (so that a checkpoint of
+    older code is found, replaced and reported rather than left beside the new one)."""
+    slot = {k: v for k, v in key.items() if k != "fingerprint"}
+    return Path(cache_dir, "unimodal", f"{config_hash(slot)}.pt")
+
+
+def stale_reason(saved: dict[str, Any] | None, key: dict[str, Any]) -> str | None:
+    """Why a checkpoint found for this configuration is not reused (None: nothing found, or it fits)."""
+    if not isinstance(saved, dict) or saved == key:
+        return None
+    if saved.get("fingerprint") != key.get("fingerprint"):
+        return (f"checkpoint made by other code or architecture (fingerprint {saved.get('fingerprint')}, "
+                f"now {key.get('fingerprint')}): retrained")
+    changed = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+    return f"checkpoint made with other settings ({', '.join(changed)}): retrained"
 
 
 def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[UnimodalModel, dict[str, Any]]:
@@ -100,10 +166,13 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
     best validation accuracy, epochs, whether it was reused and from where."""
     model = build_unimodal(method, modality)
     key = unimodal_key(method, modality, trainer.data)
+    epochs, patience = unimodal_budget(method)
+    stage = unimodal_stage(model, epochs=epochs, patience=patience)
     if not trainer.cache_dir:
-        result = trainer.fit(unimodal_stage(model))
+        result = trainer.fit(stage)
         return model, dict(_facts(modality, result), reused=False, checkpoint=None)
-    path = Path(trainer.cache_dir, "unimodal", f"{config_hash(key)}.pt")
+    path = checkpoint_path(trainer.cache_dir, key)
+    stale = None
     lock = path.with_suffix(".lock")
     # Another process (a parallel sweep worker) may be training the same model: wait for its
     # checkpoint rather than training it twice.
@@ -118,11 +187,14 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
                 trainer.log(f"[unimodal:{modality}] reused checkpoint {path}")
                 trainer.history.extend(saved.get("history", []))
                 return model, dict(saved["info"], reused=True, checkpoint=str(path))
-        result = trainer.fit(unimodal_stage(model))
+            stale = stale_reason(saved.get("key"), key)
+            if stale:
+                trainer.log(f"[unimodal:{modality}] {stale}")
+        result = trainer.fit(stage)
         info = _facts(modality, result)
         _save_atomic(path, {"key": key, "state": {k: v.cpu() for k, v in model.state_dict().items()},
                             "info": info, "history": result.history})
-        return model, dict(info, reused=False, checkpoint=str(path))
+        return model, dict(info, reused=False, checkpoint=str(path), retrained=stale)
     finally:
         if lock.exists() and lock.read_text().strip() == _owner():
             lock.unlink()
@@ -130,7 +202,9 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
 
 def _facts(modality: str, result: Any) -> dict[str, Any]:
     return {"modality": modality, "val_accuracy": result.best_val_accuracy,
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "convergence": {"budget": result.budget, "patience": result.patience,
+                            "stopped_early": result.stopped_early, "still_improving": result.still_improving}}
 
 
 def _owner() -> str:

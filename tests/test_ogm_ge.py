@@ -128,7 +128,7 @@ def test_ge_noise_has_the_unmodulated_gradients_std() -> None:
 
 
 def test_nothing_is_modulated_outside_the_window() -> None:
-    m = _image_method("ogm_ge", modulation_start="2", modulation_end="3")
+    m = _image_method("ogm_ge", modulation_start="2", modulation_end="3", window="epochs")
     for epoch, inside in ((0, False), (1, False), (2, True), (3, True), (4, False)):
         before = _backward(m)
         m.after_backward(SimpleNamespace(epoch=epoch))
@@ -188,10 +188,11 @@ def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:
     tiny = ["--set", "dataset.n_train=96", "--set", "dataset.n_val=32", "--set", "dataset.n_test=32",
             "--epochs", "1", "--quiet", "--out", str(tmp_path)]
     assert main(["run", "--method", "ogm", "--set", "method.alpha=0.3", "--set", "method.modulation_end=7",
-                 *tiny]) == 0
+                 "--set", "method.window=epochs", *tiny]) == 0
     (path,) = tmp_path.glob("ogm-*.json")
     options = json.loads(path.read_text())["config"]["method_options"]
-    assert options == {"alpha": 0.3, "modulation_start": 0, "modulation_end": 7, "noise": False, "modulate": "auto"}
+    assert options == {"alpha": 0.3, "modulation_start": 0, "modulation_end": 7, "window": "epochs", "noise": False,
+                       "modulate": "auto"}
     assert main(["run", "--method", "ogm_ge", "--set", "method.alpha=-1", *tiny]) == 2
     assert "method.alpha" in capsys.readouterr().err
     assert not list(tmp_path.glob("ogm_ge-*.json"))
@@ -228,3 +229,14 @@ def test_a_step_reads_one_value_from_the_device_the_ratio(tiny: dict) -> None:
     assert len(per_step) == 2 * 6
     for calls in per_step:
         assert len(calls) == 1 and calls[0].startswith("item at ogm_ge.py"), calls
+
+
+@pytest.mark.parametrize("epochs", [20, 7])
+def test_default_window_is_the_first_half_of_the_epoch_budget(epochs: int) -> None:
+    info = DataInfo("images", [ModalitySpec("a", "image", (1, 8, 8), "small_cnn"),
+                               ModalitySpec("v", "image", (1, 8, 8), "small_cnn")], num_classes=3)
+    m = create_method("ogm_ge", info, build_config({"method": "ogm_ge", "epochs": epochs}))
+    active = [e for e in range(epochs) if m.active(e)]
+    assert active == list(range(math.ceil(epochs / 2)))  # 0–9 of 20 (the reference: 0–50 of 100)
+    with pytest.raises(UsageError, match="window=epochs"):
+        create_method("ogm_ge", info, build_config({"method": "ogm_ge", "method.modulation_end": "50"}))

@@ -1,0 +1,200 @@
+"""The records a report reads, and what makes two records the same configuration.
+
+A report reads a sweep store (``records/<dataset>/*.json``) or any folder of the records that
+``run --out`` writes (``*.json``): one layout, the run record. Records belong in one table row
+only when their **configuration identity** is the same: every resolved option except the seed and
+the fields that only say where things are or how fast they go (paths, device, worker counts), plus
+whether the record comes from a smoke run (tiny subsets). A row's label is the method's name and
+the options in which the row differs from the method's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import RunConfig, config_hash
+from benchmark.convergence import record_still_improving
+from benchmark.store import RECORDS, read_record
+
+# Shared options that say where a run went or how fast, never what it computed.
+LOCATION_OPTIONS = ("seed", "device", "num_workers", "cache_dir")
+# Nested options (method.*, dataset.*) that name places on disk.
+LOCATION_SUFFIXES = ("_dir", "_path", "_root")
+LOCATION_NAMES = ("root", "path", "cache_dir", "data_dir")
+
+
+def record_files(root: Path) -> list[Path]:
+    """The record files under ``root``: a sweep store's ``records/*/*.json`` and the ``*.json`` that
+    ``run --out`` writes directly into a folder (one level of sub-folders too)."""
+    files = set((root / RECORDS).glob("*/*.json"))
+    files |= {p for p in root.glob("*.json")}
+    files |= {p for p in root.glob("*/*.json") if p.parent.name != RECORDS}
+    return sorted(p for p in files if not p.name.startswith("."))
+
+
+def load_records(root: Path) -> list[dict[str, Any]]:
+    """Every readable run record under ``root`` (other JSON files are skipped), with its file."""
+    out = []
+    for path in record_files(root):
+        rec = read_record(path)
+        if rec and "status" in rec and "method" in rec and "dataset" in rec:
+            out.append(dict(rec, _file=str(path)))
+    return out
+
+
+def is_location(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    if "." not in name:
+        return leaf in LOCATION_OPTIONS
+    return leaf in LOCATION_NAMES or leaf.endswith(LOCATION_SUFFIXES)
+
+
+def flat_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved configuration as ``name → value`` with nested options as ``method.<name>``,
+    ``dataset.<name>`` and ``encoder.<modality>``."""
+    out: dict[str, Any] = {}
+    for name, value in config.items():
+        if name in ("method_options", "dataset_options", "encoder") and isinstance(value, dict):
+            prefix = {"method_options": "method", "dataset_options": "dataset", "encoder": "encoder"}[name]
+            for sub, v in value.items():
+                out[f"{prefix}.{sub}"] = v
+        else:
+            out[name] = value
+    return out
+
+
+def identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What makes a record's configuration: every resolved option but seed and locations, and
+    whether it is a smoke run."""
+    opts = {k: v for k, v in flat_options(record.get("config") or {}).items() if not is_location(k)}
+    opts.setdefault("method", record.get("method"))
+    opts.setdefault("dataset", record.get("dataset"))
+    opts["smoke"] = bool(record.get("smoke"))
+    return opts
+
+
+def identity_key(record: dict[str, Any]) -> str:
+    return config_hash(identity(record))
+
+
+SHARED_DEFAULTS = {k: v for k, v in flat_options(RunConfig().to_dict()).items()}
+
+
+def defaults_of(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The method's and dataset's defaults stored in the record (None for records without them)."""
+    defaults = record.get("defaults")
+    return defaults if isinstance(defaults, dict) else None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def row_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """``identity key → label`` for the rows of one table. ``rows``: one entry per row with
+    ``key``, ``method``, ``options`` (the identity) and ``defaults`` (or None).
+
+    A label names the options where the row differs from its method's defaults; shared options
+    that are the same in every row of the table are left out (the table's note states them).
+    Without stored defaults, a method's most common value stands for its default."""
+    common = _common_options(rows)
+    labels: dict[str, str] = {}
+    for row in rows:
+        defaults = row["defaults"] or {**_modal_defaults(rows, row["method"]), **SHARED_DEFAULTS}
+        parts = []
+        for name, value in row["options"].items():
+            if name in ("method", "dataset", "smoke") or name in common:
+                continue
+            if defaults.get(name, SHARED_DEFAULTS.get(name, object())) == value:
+                continue
+            parts.append(f"{name.removeprefix('method.')}={_show(value)}")
+        label = " ".join([row["method"], *parts]) + (" [smoke]" if row["options"].get("smoke") else "")
+        labels[row["key"]] = label
+    seen: Counter[str] = Counter()
+    for key, label in labels.items():  # never two rows under one label
+        seen[label] += 1
+        if seen[label] > 1:
+            labels[key] = f"{label} #{seen[label]}"
+    return labels
+
+
+def _common_options(rows: list[dict[str, Any]]) -> set[str]:
+    """Shared (non-method) options with one value across every row of the table."""
+    values: dict[str, set[str]] = {}
+    for row in rows:
+        for name, value in row["options"].items():
+            if not name.startswith("method."):
+                values.setdefault(name, set()).add(json.dumps(value, sort_keys=True, default=str))
+    n_with = Counter(name for row in rows for name in row["options"] if not name.startswith("method."))
+    return {name for name, vals in values.items() if len(vals) == 1 and n_with[name] == len(rows)}
+
+
+def _modal_defaults(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    counts: dict[str, Counter[str]] = {}
+    raw: dict[str, Any] = {}
+    for row in rows:
+        if row["method"] != method:
+            continue
+        for name, value in row["options"].items():
+            text = json.dumps(value, sort_keys=True, default=str)
+            counts.setdefault(name, Counter())[text] += 1
+            raw[text] = value
+    return {name: raw[c.most_common(1)[0][0]] for name, c in counts.items()}
+
+
+def common_note(rows: list[dict[str, Any]]) -> str:
+    """The shared options every row of a table has, where they differ from the suite's defaults."""
+    common = _common_options(rows)
+    if not rows:
+        return ""
+    opts = rows[0]["options"]
+    shown = [f"{name}={_show(opts[name])}" for name in sorted(common)
+             if name not in ("dataset", "smoke") and SHARED_DEFAULTS.get(name, object()) != opts[name]
+             and not name.startswith("encoder.")]
+    return ", ".join(shown)
+
+
+def still_improving(record: dict[str, Any]) -> bool:
+    return record_still_improving(record)
+
+
+def export_frame(records: list[dict[str, Any]], labels: dict[str, str]) -> Any:
+    """One row per record (every status): identifiers, the row it belongs to, every resolved
+    option as a column (``cfg.<name>``, ``method.<name>``, ``dataset.<name>``, ``encoder.<m>``),
+    its metrics, environment and convergence."""
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        m = rec.get("metrics") or {}
+        key = identity_key(rec)
+        row: dict[str, Any] = {
+            "dataset": rec.get("dataset"), "method": rec.get("method"), "seed": rec.get("seed"),
+            "status": rec.get("status"), "row": labels.get(key, ""), "identity": key, "key": rec.get("key"),
+            "smoke": bool(rec.get("smoke")), "still_improving": still_improving(rec) if rec.get("status") == "ok" else None,
+            "variant": (rec.get("sweep") or {}).get("label"), "git_commit": rec.get("git_commit"),
+            "finished": rec.get("finished"), "file": rec.get("_file"), "error": rec.get("error"),
+        }
+        for name in ("accuracy", "macro_f1", "val_accuracy", "wall_seconds", "seconds_per_epoch",
+                     "peak_memory_mb", "parameters"):
+            row[name] = m.get(name)
+        for group in ("probe_accuracy", "unimodal_accuracy"):
+            for mod, value in (m.get(group) or {}).items():
+                row[f"{group.split('_')[0]}:{mod}"] = value
+        for name, value in flat_options(rec.get("config") or {}).items():
+            row[name if "." in name else f"cfg.{name}"] = value
+        for name, value in (rec.get("environment") or {}).items():
+            row[f"env.{name}"] = value
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for col in frame.columns:  # Parquet wants one type per column
+        kinds = {type(v) for v in frame[col] if v is not None and not (isinstance(v, float) and v != v)}
+        if len(kinds) > 1 or kinds & {dict, list}:
+            frame[col] = [None if v is None else json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v)
+                          for v in frame[col]]
+    return frame
