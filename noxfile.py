@@ -46,7 +46,7 @@ def _install_once(session: nox.Session, *requirements: str) -> None:
 
 
 # What `python -m benchmark.report` needs: no torch.
-REPORT_REQUIREMENTS = ("numpy>=1.24", "pandas>=2.0", "scipy>=1.10", "matplotlib>=3.7", "seaborn>=0.13")
+REPORT_REQUIREMENTS = ("numpy>=1.24", "pandas>=2.0", "scipy>=1.10", "matplotlib>=3.7", "seaborn>=0.13", "pyarrow>=14")
 
 
 def _store(args: list[str], default: str = "results") -> str:
@@ -82,7 +82,8 @@ def smoke(session: nox.Session) -> None:
 
 @nox.session
 def report(session: nox.Session) -> None:
-    """Tables and figures in reports/ and the README results table, from the records in results/
+    """Tables and figures in reports/ and the README results table, from the records in results/ (another
+    --store writes beside that store and leaves README.md alone)
     (reads the store only: a light environment without torch). Arguments go to `python -m benchmark.report`."""
     _install_once(session, *REPORT_REQUIREMENTS)
     session.run("python", "-m", "benchmark.report", *session.posargs)

@@ -47,7 +47,7 @@ class RunConfig:
                                   "MCR's initialisation), which stops early (0 = epochs)")
     unimodal_patience: int = opt(8, "unimodal training stops after this many epochs without a better "
                                     "validation accuracy (0 = train all unimodal_epochs)")
-    precise_bn: int = opt(2048, "before each validation, recompute the BatchNorm statistics of the trained "
+    precise_bn: int = opt(512, "before each validation, recompute the BatchNorm statistics of the trained "
                                 "layers on up to this many training samples (0 = keep the running averages)")
     fusion: str = opt("concat", "fusion head for fused methods: concat, sum, film or gated")
     encoder: dict = opt({}, "encoder per modality, e.g. encoder.audio=resnet18_audio (default: the dataset's)")
