@@ -82,9 +82,9 @@ def smoke(session: nox.Session) -> None:
 
 @nox.session
 def report(session: nox.Session) -> None:
-    """Tables and figures in reports/ and the README results table, from the records in results/ (another
-    --store writes beside that store and leaves README.md alone)
-    (reads the store only: a light environment without torch). Arguments go to `python -m benchmark.report`."""
+    """Tables and figures in reports/ and the README results table, from the records in results/
+    (reads the store only: a light environment without torch; another --store writes beside that store
+    and leaves README.md alone). Arguments go to `python -m benchmark.report`."""
     _install_once(session, *REPORT_REQUIREMENTS)
     session.run("python", "-m", "benchmark.report", *session.posargs)
 
