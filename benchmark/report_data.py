@@ -148,13 +148,14 @@ def _modal_defaults(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
 
 
 def common_note(rows: list[dict[str, Any]]) -> str:
-    """The shared options every row of a table has, where they differ from the suite's defaults."""
+    """The shared options every row of a table has, where they differ from the defaults."""
     common = _common_options(rows)
     if not rows:
         return ""
     opts = rows[0]["options"]
+    defaults = {**SHARED_DEFAULTS, **(rows[0]["defaults"] or {})}
     shown = [f"{name}={_show(opts[name])}" for name in sorted(common)
-             if name not in ("dataset", "smoke") and SHARED_DEFAULTS.get(name, object()) != opts[name]
+             if name not in ("dataset", "smoke") and defaults.get(name, object()) != opts[name]
              and not name.startswith("encoder.")]
     return ", ".join(shown)
 

@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
