@@ -47,6 +47,8 @@ class RunConfig:
                                   "MCR's initialisation), which stops early (0 = epochs)")
     unimodal_patience: int = opt(8, "unimodal training stops after this many epochs without a better "
                                     "validation accuracy (0 = train all unimodal_epochs)")
+    unimodal_lr_decay: int = opt(4, "unimodal training multiplies the learning rate by 0.1 after this many "
+                                    "epochs without a better validation accuracy, at most twice (0 = never)")
     precise_bn: int = opt(512, "before each validation, recompute the BatchNorm statistics of the trained "
                                 "layers on up to this many training samples (0 = keep the running averages)")
     fusion: str = opt("concat", "fusion head for fused methods: concat, sum, film or gated")
@@ -69,9 +71,10 @@ class RunConfig:
                 raise UsageError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.patience < 0 or self.num_workers < 0:
             raise UsageError("patience and num_workers must be >= 0")
-        if self.unimodal_epochs < 0 or self.unimodal_patience < 0 or self.precise_bn < 0:
-            raise UsageError(f"unimodal_epochs, unimodal_patience and precise_bn must be >= 0, got "
-                             f"{self.unimodal_epochs}, {self.unimodal_patience}, {self.precise_bn}")
+        if min(self.unimodal_epochs, self.unimodal_patience, self.unimodal_lr_decay, self.precise_bn) < 0:
+            raise UsageError(f"unimodal_epochs, unimodal_patience, unimodal_lr_decay and precise_bn must be "
+                             f">= 0, got {self.unimodal_epochs}, {self.unimodal_patience}, "
+                             f"{self.unimodal_lr_decay}, {self.precise_bn}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
         choices = {

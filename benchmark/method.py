@@ -87,6 +87,9 @@ class Stage:
     epoch_log: Callable[[], dict[str, Any]] | None = None
     epochs: int | None = None
     patience: int | None = None
+    # Multiply the learning rate by 0.1 after this many epochs without a better validation accuracy
+    # (at most twice; 0 = never): with early stopping, training to convergence.
+    lr_decay_after: int = 0
     modalities: list[str] = field(default_factory=list)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -21,6 +21,8 @@ from benchmark.errors import DivergedError
 from benchmark.method import Batch, EvalOutput, Stage, StepContext, make_optimizer
 from benchmark.precise_bn import recompute_batchnorm
 
+MAX_LR_DECAYS = 2  # a stage's learning rate falls at most to 1/100 of its start (Stage.lr_decay_after)
+
 
 @dataclass
 class StageResult:
@@ -187,6 +189,7 @@ class Trainer:
         train_seconds = 0.0
         epoch = -1
         stopped = False
+        decays, last_decay = 0, -1
         for epoch in range(epochs):
             stage.module.train()
             ctx = StepContext(self, stage, epoch, 0, num_batches, optimizers)
@@ -256,6 +259,14 @@ class Trainer:
                 best_state = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
             for sched in schedulers:
                 sched.step()
+            if (stage.lr_decay_after and decays < MAX_LR_DECAYS
+                    and epoch - max(best_epoch, last_decay) >= stage.lr_decay_after):
+                decays, last_decay = decays + 1, epoch
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] *= 0.1
+                self.log(f"[{stage.name}] learning rate x0.1: no better validation accuracy for "
+                         f"{stage.lr_decay_after} epochs")
             if patience and epoch - best_epoch >= patience:
                 self.log(f"[{stage.name}] early stop: no better validation accuracy for {patience} epochs")
                 stopped = True

@@ -1,9 +1,10 @@
 """Unimodal training shared by ``unimodal``, ``ensemble``, UDI's anchor phase and MCR's
 initialisation: one encoder + linear head trained with CE.
 
-Unimodal training runs to convergence: early stopping on validation accuracy
-(``unimodal_patience`` epochs, default 8) under an epoch cap (``unimodal_epochs``, default the
-run's ``epochs``), the best epoch restored.
+Unimodal training runs to convergence: the learning rate falls tenfold after
+``unimodal_lr_decay`` epochs (default 4) without a better validation accuracy (at most twice), and
+training stops after ``unimodal_patience`` epochs (default 8) without one, under an epoch cap
+(``unimodal_epochs``, default the run's ``epochs``); the best epoch is restored.
 
 A trained unimodal model is cached under the run's cache directory, keyed by everything that
 determines its weights (dataset and its options, seed, modality, encoder, optimiser settings,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 # Shared options that determine a unimodal model's weights (see unimodal_key).
 _KEY_FIELDS = ("dataset", "seed", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-               "scheduler", "step_size", "gamma", "precise_bn")
+               "scheduler", "step_size", "gamma", "precise_bn", "unimodal_lr_decay")
 
 
 class UnimodalModel(nn.Module):
@@ -167,7 +168,7 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
     model = build_unimodal(method, modality)
     key = unimodal_key(method, modality, trainer.data)
     epochs, patience = unimodal_budget(method)
-    stage = unimodal_stage(model, epochs=epochs, patience=patience)
+    stage = unimodal_stage(model, epochs=epochs, patience=patience, lr_decay_after=method.cfg.unimodal_lr_decay)
     if not trainer.cache_dir:
         result = trainer.fit(stage)
         return model, dict(_facts(modality, result), reused=False, checkpoint=None)
