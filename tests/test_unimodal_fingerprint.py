@@ -68,8 +68,22 @@ def test_unimodal_training_stops_early_and_says_whether_it_converged(tiny) -> No
     assert facts["epochs_run"] < 40 and conv["stopped_early"] and not conv["still_improving"]
     assert facts["epochs_run"] == facts["best_epoch"] + 1 + 2  # best epoch, then `patience` epochs
     assert conv["budget"] == 40 and conv["patience"] == 2
+    lrs = [row["lr"] for row in record["history"] if row["stage"] == "unimodal:m0"]
+    assert lrs == [0.05] * len(lrs)  # unimodal_lr_decay (4) never came before the patience (2)
     env = record["environment"]
     assert env["threads"] == torch.get_num_threads() and env["deterministic"] is True and env["cpu"]
+
+
+def test_unimodal_learning_rate_falls_on_a_plateau_at_most_twice(tiny) -> None:
+    cfg = dict(tiny, method="unimodal", epochs=30, unimodal_patience=4, unimodal_lr_decay=1, lr=0.05)
+    record = execute(prepare(build_config(cfg)))
+    rows = [row for row in record["history"] if row["stage"] == "unimodal:m0"]
+    lrs = sorted({round(row["lr"], 8) for row in rows}, reverse=True)
+    assert lrs[0] == 0.05 and len(lrs) >= 2 and lrs[-1] >= 0.0005 - 1e-12  # tenfold, at most twice
+    # the first decay follows an epoch (unimodal_lr_decay = 1) that did not beat the best before it
+    first_low = next(i for i, row in enumerate(rows) if row["lr"] < 0.05)
+    val = [row["val_accuracy"] for row in rows]
+    assert val[first_low - 1] <= max(val[:first_low - 1])
 
 
 def test_precise_batchnorm_recomputes_only_trained_layers() -> None:
