@@ -5,7 +5,8 @@ A report reads a sweep store (``records/<dataset>/*.json``) or any folder of the
 only when their **configuration identity** is the same: every resolved option except the seed and
 the fields that only say where things are or how fast they go (paths, device, worker counts), plus
 whether the record comes from a smoke run (tiny subsets). A row's label is the method's name and
-the options in which the row differs from the method's defaults.
+the options in which the row differs: its own options from the method's defaults, shared options
+from the table's setting (the value most of its rows share).
 """
 
 from __future__ import annotations
@@ -99,18 +100,21 @@ def row_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
     """``identity key → label`` for the rows of one table. ``rows``: one entry per row with
     ``key``, ``method``, ``options`` (the identity) and ``defaults`` (or None).
 
-    A label names the options where the row differs from its method's defaults; shared options
-    that are the same in every row of the table are left out (the table's note states them).
-    Without stored defaults, a method's most common value stands for its default."""
-    common = _common_options(rows)
+    A label names the options in which the row differs: a method's own options (``method.*``)
+    against the method's defaults, shared options against the table's setting (see
+    ``table_settings``: the value most rows share, stated once in the table's note; without a
+    majority, the default). Without stored defaults, a method's most common value stands for its
+    default."""
+    settings = table_settings(rows)
     labels: dict[str, str] = {}
     for row in rows:
-        defaults = row["defaults"] or {**_modal_defaults(rows, row["method"]), **SHARED_DEFAULTS}
+        defaults = {**SHARED_DEFAULTS, **(row["defaults"] or _modal_defaults(rows, row["method"]))}
         parts = []
         for name, value in row["options"].items():
-            if name in ("method", "dataset", "smoke") or name in common:
+            if name in ("method", "dataset", "smoke"):
                 continue
-            if defaults.get(name, SHARED_DEFAULTS.get(name, object())) == value:
+            reference = settings[name] if name in settings else defaults.get(name, _MISSING)
+            if _same(reference, value):
                 continue
             parts.append(f"{name.removeprefix('method.')}={_show(value)}")
         label = " ".join([row["method"], *parts]) + (" [smoke]" if row["options"].get("smoke") else "")
@@ -123,15 +127,31 @@ def row_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
     return labels
 
 
-def _common_options(rows: list[dict[str, Any]]) -> set[str]:
-    """Shared (non-method) options with one value across every row of the table."""
-    values: dict[str, set[str]] = {}
+_MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is not _MISSING and json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def table_settings(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The table's value of each shared (non-method) option: the value more rows have than any
+    other (a tie falls back to the default, so that two budgets side by side are both named)."""
+    counts: dict[str, Counter[str]] = {}
+    raw: dict[str, Any] = {}
     for row in rows:
         for name, value in row["options"].items():
-            if not name.startswith("method."):
-                values.setdefault(name, set()).add(json.dumps(value, sort_keys=True, default=str))
-    n_with = Counter(name for row in rows for name in row["options"] if not name.startswith("method."))
-    return {name for name, vals in values.items() if len(vals) == 1 and n_with[name] == len(rows)}
+            if name.startswith("method.") or name in ("method", "smoke"):
+                continue
+            text = json.dumps(value, sort_keys=True, default=str)
+            counts.setdefault(name, Counter())[text] += 1
+            raw[text] = value
+    settings = {}
+    for name, c in counts.items():
+        top = c.most_common(2)
+        if len(top) == 1 or top[0][1] > top[1][1]:
+            settings[name] = raw[top[0][0]]
+    return settings
 
 
 def _modal_defaults(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
@@ -148,15 +168,13 @@ def _modal_defaults(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
 
 
 def common_note(rows: list[dict[str, Any]]) -> str:
-    """The shared options every row of a table has, where they differ from the defaults."""
-    common = _common_options(rows)
+    """The table's shared settings (``table_settings``) that differ from the defaults."""
     if not rows:
         return ""
-    opts = rows[0]["options"]
     defaults = {**SHARED_DEFAULTS, **(rows[0]["defaults"] or {})}
-    shown = [f"{name}={_show(opts[name])}" for name in sorted(common)
-             if name not in ("dataset", "smoke") and defaults.get(name, object()) != opts[name]
-             and not name.startswith("encoder.")]
+    settings = table_settings(rows)
+    shown = [f"{name}={_show(value)}" for name, value in sorted(settings.items())
+             if name != "dataset" and not name.startswith("encoder.") and not _same(defaults.get(name, _MISSING), value)]
     return ", ".join(shown)
 
 
