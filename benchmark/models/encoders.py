@@ -80,6 +80,20 @@ def _resnet18_trunk(in_channels: int) -> nn.Module:
     return net
 
 
+def load_resnet_weights(net: nn.Module, path: str) -> None:
+    """Load a torchvision ResNet18 ``state_dict`` (its ``fc`` entries ignored) from a local file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:  # a missing file, an unreadable file or other tensors than ResNet18's
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load ResNet18 weights from {path} ({reason[:200]}); give a torchvision "
+                         "resnet18 state_dict saved with torch.save, or leave the weights option empty") from None
+
+
 class ResNet18Audio(nn.Module):
     """ResNet18 on a spectrogram (C×F×T, C = 1 for the usual log-magnitude input)."""
 
@@ -105,6 +119,8 @@ class ResNet18Visual(nn.Module):
             raise UsageError(f"resnet18_visual needs frames T×C×H×W or an image C×H×W, got {spec.shape}")
         in_channels = spec.shape[-3]
         self.net = _resnet18_trunk(in_channels)
+        if getattr(spec, "weights", ""):  # a dataset that names local pretrained weights (WeightsSpec)
+            load_resnet_weights(self.net, spec.weights)
         self.out_dim = 512
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
