@@ -17,7 +17,8 @@ Text: at most ``max_tokens`` (40, the UDI paper's) token ids per page. With ``be
 Hugging Face BERT folder) its tokenizer makes them and the default text encoder is ``bert``;
 without it, a word-level vocabulary built from the train split's texts alone (lower-cased words,
 numbers and punctuation marks; words seen at least ``min_count`` times, at most ``vocab_size``)
-makes them and the default encoder is ``text_transformer``, trained from scratch. Images:
+makes them and the default encoder is ``text_transformer``, trained from scratch. Either ends
+with a linear map to ``text_features`` (512, the image encoder's size). Images:
 ResNet18 (``resnet18_visual``) on ``image_size`` (256) squares, RandomResizedCrop + flip on train,
 Resize elsewhere, ImageNet normalisation; ``image_weights`` names a local torchvision ResNet18
 ``state_dict`` to start from.
@@ -62,6 +63,8 @@ class Food101Options:
                             "encoder defaults to bert (empty: word vocabulary + text_transformer)")
     vocab_size: int = opt(30000, "largest word vocabulary built from the train texts (without bert_dir)")
     min_count: int = opt(2, "a word enters the vocabulary when seen this often in train (without bert_dir)")
+    text_features: int = opt(512, "feature size the text encoder ends with (a linear map from its width; "
+                                  "512 = ResNet18's, which methods sharing a head need; 0 = its own)")
     image_weights: str = opt("", "local torchvision ResNet18 state_dict the image encoder starts from")
     val_fraction: float = opt(0.1, "fraction of each class of train carved out as validation")
     seed: int = opt(0, "seed of the carved validation split")
@@ -78,6 +81,8 @@ class Food101Options:
                              f"{self.vocab_size} and {self.min_count}")
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"dataset.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.text_features < 0:
+            raise UsageError(f"dataset.text_features must be >= 0, got {self.text_features}")
         for name in ("bert_dir", "image_weights"):
             path = getattr(self, name)
             if path and not Path(path).expanduser().exists():
@@ -188,7 +193,8 @@ class Food101(OnDiskDataset):
 
     def recipe(self, root: Path) -> dict[str, Any]:
         recipe = super().recipe(root)
-        recipe.pop("image_weights")  # the encoder's starting point, not the data
+        recipe.pop("image_weights")  # the encoder's starting point and size, not the data
+        recipe.pop("text_features")
         return recipe
 
     def class_names(self, root: Path) -> list[str]:
@@ -248,7 +254,7 @@ class Food101(OnDiskDataset):
         return [WeightsSpec("image", "image", (3, s, s), "resnet18_visual", weights=weights),
                 TokenSpec("text", "tokens", (o.max_tokens,), "bert" if bert else "text_transformer",
                           vocab_size=int(tokenizer.get("vocab_size", 0)), pad_id=int(tokenizer.get("pad_id", 0)),
-                          pretrained=bert)]
+                          pretrained=bert, features=o.text_features)]
 
     def load(self) -> Any:
         data = super().load()

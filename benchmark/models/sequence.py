@@ -20,6 +20,13 @@ def _transformer(dim: int, heads: int, layers: int, dropout: float) -> nn.Transf
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
+def project_to(spec: ModalitySpec, width: int) -> tuple[nn.Module, int]:
+    """A linear map to the spec's ``features`` when it asks for another size than ``width`` (so that
+    the text features match the image encoder's, as methods sharing a head need)."""
+    features = getattr(spec, "features", 0) or width
+    return (nn.Identity() if features == width else nn.Linear(width, features)), features
+
+
 def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """True where a position is padding; the first position is always kept, so that an all-padding
     input (a modality zeroed out as absent) still gives finite features."""
@@ -43,14 +50,14 @@ class TextTransformer(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, spec.shape[0], dim) * 0.02)
         self.encoder = _transformer(dim, heads, layers, dropout=0.1)
         self.norm = nn.LayerNorm(dim)
-        self.out_dim = dim
+        self.head, self.out_dim = project_to(spec, dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.long()
         pad = padding_mask(ids, self.pad_id)
         x = self.encoder(self.embed(ids) + self.pos[:, : ids.shape[1]], src_key_padding_mask=pad)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
-        return self.norm((x * keep).sum(dim=1) / keep.sum(dim=1))
+        return self.head(self.norm((x * keep).sum(dim=1) / keep.sum(dim=1)))
 
 
 def require_transformers() -> object:
@@ -65,7 +72,8 @@ def require_transformers() -> object:
 
 class BertEncoder(nn.Module):
     """A pretrained BERT from a local folder (config, weights, tokenizer files): the final hidden
-    state of the first ([CLS]) token. The whole model is fine-tuned."""
+    state of the first ([CLS]) token, linearly mapped to the spec's ``features`` when that differs
+    from BERT's width. The whole model is fine-tuned."""
 
     def __init__(self, spec: ModalitySpec) -> None:
         super().__init__()
@@ -82,12 +90,12 @@ class BertEncoder(nn.Module):
             raise UsageError(f"cannot load a BERT model from {folder} ({reason}); point dataset.bert_dir "
                              "at a Hugging Face BERT folder saved with save_pretrained") from None
         self.pad_id = getattr(spec, "pad_id", 0)
-        self.out_dim = int(self.bert.config.hidden_size)
+        self.head, self.out_dim = project_to(spec, int(self.bert.config.hidden_size))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.long()
         mask = (~padding_mask(ids, self.pad_id)).long()
-        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        return self.head(self.bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
 
 
 class SeqTransformer(nn.Module):
