@@ -65,12 +65,12 @@ def mosei_arrays(n: int, steps: int, rng: np.random.Generator) -> dict[str, np.n
     return {k: v.astype(np.float32) if k in ("text", "audio", "vision") else v for k, v in out.items()}
 
 
-def mosei(root: Path, sizes: tuple[int, int, int] = (24, 8, 8), steps: int = 6) -> Path:
+def mosei(root: Path, sizes: tuple[int, int, int] = (24, 8, 8), steps: int = 6, protocol: int = 4) -> Path:
     rng = np.random.default_rng(0)
     data = {key: mosei_arrays(n, steps, rng) for key, n in zip(("train", "valid", "test"), sizes)}
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "mosei_senti_data.pkl", "wb") as fh:
-        pickle.dump(data, fh, protocol=4)
+        pickle.dump(data, fh, protocol=protocol)
     return root
 
 
@@ -242,8 +242,9 @@ def test_food101_image_encoder_starts_from_local_resnet_weights(tmp_path: Path) 
     assert plain.manifest["key"] == data.manifest["key"]
 
 
-def test_mosei_labelings_and_nonfinite_features(tmp_path: Path) -> None:
-    root = mosei(tmp_path / "release")
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_mosei_labelings_and_nonfinite_features(tmp_path: Path, protocol: int) -> None:
+    root = mosei(tmp_path / "release", protocol=protocol)  # as written by Python 2 era tools, and today
     with open(root / "mosei_senti_data.pkl", "rb") as fh:
         raw = pickle.load(fh)
     scores = raw["test"]["labels"].reshape(-1)
@@ -347,3 +348,23 @@ def test_paper_sweep_rows_follow_the_udi_presets_and_plan_on_the_miniatures(tmp_
                                             "udi anchor=vision"}
     # the paper's 20 epochs on MOSEI (a method's own recommended budget, MLA's, still wins in a sweep)
     assert all(r.assignments["epochs"] == 20 for r in plan.runs if r.dataset == "cmu-mosei" and r.method != "mla")
+
+
+def test_sequence_encoders_stay_finite_on_an_absent_modality() -> None:
+    """A modality zeroed out (how the diagnostics remove one) is all padding for token encoders."""
+    from benchmark.data.base import ModalitySpec
+    from benchmark.data.specs import TokenSpec
+    from benchmark.models import create_encoder
+
+    text = create_encoder("text_transformer", TokenSpec("text", "tokens", (8,), "text_transformer", vocab_size=20))
+    seq = create_encoder("seq_transformer", ModalitySpec("audio", "sequence", (5, 7), "seq_transformer"))
+    for encoder, x in ((text, torch.zeros(2, 8, dtype=torch.long)), (seq, torch.zeros(2, 5, 7))):
+        for mode in (encoder.train, encoder.eval):
+            mode()
+            assert torch.isfinite(encoder(x)).all()
+    assert text.out_dim == 128 and seq.out_dim == 64
+    # padding is masked: the same words padded to 4 or to 8 tokens give the same features
+    text.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(text(torch.tensor([[2, 5, 6, 0]])), text(torch.tensor([[2, 5, 6, 0, 0, 0, 0, 0]])))
+        assert not torch.allclose(text(torch.tensor([[2, 5, 6, 0]])), text(torch.tensor([[2, 5, 6, 7]])))

@@ -41,12 +41,13 @@ MODALITIES = {"text": 300, "audio": 74, "vision": 35}  # feature sizes of the st
 SPLIT_KEYS = {"train": "train", "val": "valid", "test": "test"}
 LABELINGS = ("binary", "7class")
 
-# What a feature pickle may build: numpy arrays and scalars (under numpy 1 and 2 module names),
-# ordered dicts, and the bytes decoding that protocol-2 pickles use.
+# What a feature pickle may build: numpy arrays and scalars (under numpy 1 and 2 module names; from
+# a buffer in protocol 5), ordered dicts, and the bytes decoding that protocol-2 pickles use.
 SAFE_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
     ("collections", "OrderedDict"), ("_codecs", "encode"),
 }
 
