@@ -265,6 +265,7 @@ def test_mosei_labelings_and_nonfinite_features(tmp_path: Path, protocol: int) -
 
 def test_fsdd_official_split_and_log_mel(tmp_path: Path) -> None:
     root = fsdd(tmp_path / "release")
+    assert builder("fsdd", root, tmp_path / "cache").prepare().startswith("fsdd: prepared")
     data = builder("fsdd", root, tmp_path / "cache").load()
     m = data.manifest
     assert m["sizes"]["test"] == 30 and m["sizes"]["train"] + m["sizes"]["val"] == 60
@@ -368,3 +369,23 @@ def test_sequence_encoders_stay_finite_on_an_absent_modality() -> None:
     with torch.no_grad():
         torch.testing.assert_close(text(torch.tensor([[2, 5, 6, 0]])), text(torch.tensor([[2, 5, 6, 0, 0, 0, 0, 0]])))
         assert not torch.allclose(text(torch.tensor([[2, 5, 6, 0]])), text(torch.tensor([[2, 5, 6, 7]])))
+
+
+def test_data_list_shows_the_new_sets(tmp_path: Path, monkeypatch, capsys) -> None:
+    from benchmark.cli import main
+
+    mosei(tmp_path / "data" / "CMU-MOSEI")
+    fsdd(tmp_path / "data" / "FSDD", takes=(0, 5))
+    monkeypatch.setenv("BMB_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("BMB_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["data", "prepare", "cmu-mosei", "--set", "labels=7class"]) == 0
+    assert main(["data", "list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "image+text" in rows["food-101"] and " 101 " in rows["food-101"] and " no " in rows["food-101"]
+    assert "text+audio+vision" in rows["cmu-mosei"] and "yes, not prepared" in rows["cmu-mosei"]  # binary is not
+    assert "audio " in rows["fsdd"] and " 10 " in rows["fsdd"] and "yes, not prepared" in rows["fsdd"]
+    assert main(["data", "prepare", "cmu-mosei"]) == 0  # the default (binary) labeling
+    capsys.readouterr()
+    assert main(["data", "list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "yes, prepared" in rows["cmu-mosei"] and " 40 " in rows["cmu-mosei"]  # 24 + 8 + 8 samples
