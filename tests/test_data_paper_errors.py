@@ -253,3 +253,21 @@ def test_av_digits_fsdd_corrupt_wav_or_too_few_speakers(tmp_path: Path, capsys) 
     code, _, err = av_fsdd_cli(tmp_path / "cache", capsys, f"fsdd_root={two}")
     assert_one_line_error(code, err, str(two), "2 speaker(s)", "at least 3")
     assert_no_cache(tmp_path / "cache", "av-digits")
+
+
+def test_food101_bad_image_weights(tmp_path: Path, capsys) -> None:
+    import torch
+
+    root = food101(tmp_path / "release")
+    run = ["run", "--method", "joint", "--dataset", "food-101", "--set", f"dataset.root={root}", "--set",
+           f"dataset.cache_dir={tmp_path / 'cache'}", "--set", "dataset.image_size=32", "--set", "epochs=1",
+           "--out", str(tmp_path / "runs"), "--quiet"]
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, other)
+    for weights, needle in ((garbage, "cannot read it"), (other, "Missing key"),
+                            (tmp_path / "absent.pth", "does not exist")):
+        code, _, err = cli([*run, "--set", f"dataset.image_weights={weights}"], capsys)
+        assert_one_line_error(code, err, str(weights), needle)
+        assert not (tmp_path / "runs").exists()

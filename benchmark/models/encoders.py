@@ -82,16 +82,22 @@ def _resnet18_trunk(in_channels: int) -> nn.Module:
 
 def load_resnet_weights(net: nn.Module, path: str) -> None:
     """Load a torchvision ResNet18 ``state_dict`` (its ``fc`` entries ignored) from a local file."""
+    fix = "give a torchvision resnet18 state_dict saved with torch.save, or leave the weights option empty"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    except Exception:  # a missing, unreadable or non-PyTorch file, or one that holds more than tensors
+        raise UsageError(f"cannot load ResNet18 weights from {path} (torch.load(weights_only=True) cannot "
+                         f"read it); {fix}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UsageError(f"cannot load ResNet18 weights from {path} (it holds no state_dict); {fix}")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    try:
         net.load_state_dict(state, strict=True)
-    except Exception as exc:  # a missing file, an unreadable file or other tensors than ResNet18's
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load ResNet18 weights from {path} ({reason[:200]}); give a torchvision "
-                         "resnet18 state_dict saved with torch.save, or leave the weights option empty") from None
+    except RuntimeError as exc:  # missing or unexpected keys, other shapes
+        reason = " ".join(str(exc).split())[:160]
+        raise UsageError(f"cannot load ResNet18 weights from {path} ({reason}); {fix}") from None
 
 
 class ResNet18Audio(nn.Module):
