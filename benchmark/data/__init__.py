@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # registers the digit datasets built offline and the readers of the paper datasets on disk
-from benchmark.data import (  # noqa: E402,F401  # noqa: E402,F401
+from benchmark.data import (  # noqa: E402,F401
     av_digits,
     ave,
     cg_digits,
