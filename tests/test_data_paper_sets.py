@@ -389,3 +389,12 @@ def test_data_list_shows_the_new_sets(tmp_path: Path, monkeypatch, capsys) -> No
     assert main(["data", "list"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "yes, prepared" in rows["cmu-mosei"] and " 40 " in rows["cmu-mosei"]  # 24 + 8 + 8 samples
+
+
+def test_food101_reads_only_the_start_of_each_page(tmp_path: Path) -> None:
+    root = food101(tmp_path / "release")
+    data = builder("food-101", root, tmp_path / "cache", max_tokens=5).load()
+    vocab = set(np.load(Path(data.manifest["cache"]) / "vocabulary.npy"))
+    assert {"how", "to", "make", "sushi", "apple"} <= vocab and not {"salmon", "recipe", "pie"} & vocab
+    ids = data.splits["train"][0]["text"]
+    assert ids.shape == (5,) and (ids != 0).all()  # [CLS] and four words, no padding

@@ -16,7 +16,8 @@ from train (stratified, seeded) and written to the manifest.
 Text: at most ``max_tokens`` (40, the UDI paper's) token ids per page. With ``bert_dir`` (a local
 Hugging Face BERT folder) its tokenizer makes them and the default text encoder is ``bert``;
 without it, a word-level vocabulary built from the train split's texts alone (lower-cased words,
-numbers and punctuation marks; words seen at least ``min_count`` times, at most ``vocab_size``)
+numbers and punctuation marks, within the first ``max_tokens`` of each page; words seen at least
+``min_count`` times, at most ``vocab_size``)
 makes them and the default encoder is ``text_transformer``, trained from scratch. Either ends
 with a linear map to ``text_features`` (512, the image encoder's size). Images:
 ResNet18 (``resnet18_visual``) on ``image_size`` (256) squares, RandomResizedCrop + flip on train,
@@ -218,7 +219,9 @@ class Food101(OnDiskDataset):
             path = self.text_file(root, split)
             items = []
             for name, text, label, _ in read_text_csv(path, split, classes):
-                self.texts[name] = text
+                # only the start of a page is tokenized: every whitespace-separated chunk gives at
+                # least one token, so max_tokens chunks are enough (and pages can be long)
+                self.texts[name] = " ".join(text.split()[: self.options.max_tokens])
                 items.append(Item(name, label, str(path)))
             out[split] = items
         return out
