@@ -148,7 +148,7 @@ def resample_to_16k(waves: np.ndarray) -> torch.Tensor:
 @register_dataset("av-digits")
 class AVDigits(DatasetBuilder):
     Options = AVDigitsOptions
-    summary = "digit images + digit words spoken by eSpeak NG (AV-MNIST style; built offline)"
+    summary = "digit images + digit words spoken by eSpeak NG (AV-MNIST style; built offline), or from FSDD"
     VERSION = 3
 
     def fsdd_root(self) -> Path:
