@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from benchmark.config import opt
-from benchmark.data.base import ModalitySpec
+from benchmark.data.base import ModalitySpec, MultimodalData
 from benchmark.data.cache import CacheWriter
 from benchmark.data.media import IMAGENET_MEAN, IMAGENET_STD, FrameTransform, read_frame
 from benchmark.data.ondisk import SOURCES, Item, OnDiskDataset, require
@@ -259,7 +259,7 @@ class Food101(OnDiskDataset):
                           vocab_size=int(tokenizer.get("vocab_size", 0)), pad_id=int(tokenizer.get("pad_id", 0)),
                           pretrained=bert, features=o.text_features)]
 
-    def load(self) -> Any:
+    def load(self) -> MultimodalData:
         data = super().load()
         data.info.modalities = self.modality_specs(data.manifest["tokenizer"])
         return data
