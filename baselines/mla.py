@@ -16,6 +16,7 @@ code's variant (one weight per modality per batch); ``fusion="fixed"`` averages 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -177,3 +178,9 @@ class MLA(Method):
         feats = self.encode(batch)
         logits = {m: self.model.head(f) for m, f in feats.items()}
         return EvalOutput(self.fuse(logits), logits, feats)
+
+    absent_rule = "head"
+
+    def predict_subset(self, batch: Batch, present: Collection[str], fill: dict[str, torch.Tensor]) -> torch.Tensor:
+        kept = [m for m in self.modalities if m in present]
+        return self.fuse({m: self.model.head(self.model.encoders[m](batch[m])) for m in kept})

@@ -3,6 +3,7 @@ softmax probabilities of independently trained unimodal models (one per modality
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,3 +72,8 @@ class Ensemble(Method):
         unimodal = {m: o.logits for m, o in zip(self.modalities, outs)}
         features = {m: o.features[m] for m, o in zip(self.modalities, outs)}
         return EvalOutput(fuse(list(unimodal.values()), "prob_mean"), unimodal, features)
+
+    absent_rule = "head"
+
+    def predict_subset(self, batch: Batch, present: Collection[str], fill: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fuse([self.model[m](batch[m])[0] for m in self.modalities if m in present], "prob_mean")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,3 +359,18 @@ class UDI(Method):
             logits[m], feats[m] = self.model.units[m](batch[m])
         fused = fuse([logits[m] for m in self.modalities], self.options.fusion_rule)
         return EvalOutput(fused, logits, feats)
+
+    absent_rule = "head"
+
+    def predict_subset(self, batch: Batch, present: Collection[str], fill: dict[str, torch.Tensor]) -> torch.Tensor:
+        kept = [m for m in self.modalities if m in present]
+        return fuse([self.model.units[m](batch[m])[0] for m in kept], self.options.fusion_rule)
+
+    def training_readouts(self, stage: Stage, batch: Batch) -> dict[str, torch.Tensor] | None:
+        """A follower's stage: the anchor's, the trained followers' and this follower's logits."""
+        if not stage.name.startswith("udi:follower:"):
+            return None
+        current = stage.modalities[0]
+        units = {m: self.model.units[m] for m in [self.anchor, *self.trained_followers] if m != current}
+        units[current] = stage.module
+        return {m: unit(batch[m])[0] for m, unit in units.items()}
