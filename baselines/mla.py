@@ -16,7 +16,6 @@ code's variant (one weight per modality per batch); ``fusion="fixed"`` averages 
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -181,6 +180,8 @@ class MLA(Method):
 
     absent_rule = "head"
 
-    def predict_subset(self, batch: Batch, present: Collection[str], fill: dict[str, torch.Tensor]) -> torch.Tensor:
-        kept = [m for m in self.modalities if m in present]
-        return self.fuse({m: self.model.head(self.model.encoders[m](batch[m])) for m in kept})
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        return self.model.head(self.model.encoders[modality](batch[modality]))
+
+    def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fuse(logits)

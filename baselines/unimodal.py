@@ -3,7 +3,6 @@ softmax probabilities of independently trained unimodal models (one per modality
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,5 +74,8 @@ class Ensemble(Method):
 
     absent_rule = "head"
 
-    def predict_subset(self, batch: Batch, present: Collection[str], fill: dict[str, torch.Tensor]) -> torch.Tensor:
-        return fuse([self.model[m](batch[m])[0] for m in self.modalities if m in present], "prob_mean")
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        return self.model[modality](batch[modality])[0]
+
+    def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fuse(list(logits.values()), "prob_mean")

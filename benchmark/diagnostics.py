@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, Subset
 
 from benchmark.data.base import TensorSplit, iterate_batches
 from benchmark.device import derive_seed
+from benchmark.method import EvalOutput
 from benchmark.metrics import accuracy, linear_probe_predictions
 
 if TYPE_CHECKING:
@@ -160,19 +161,82 @@ def subset_accuracy(method: Method, trainer: Trainer, present: frozenset[str],
     return trainer.accuracy(lambda b: method.predict_subset(b, present, fill), method.model, "test")
 
 
-def noise_accuracy(method: Method, trainer: Trainer, modality: str, sigma: float, std: float, seed: int) -> float:
+HeadCache = list[tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+@torch.inference_mode()
+def head_cache(method: Method, trainer: Trainer) -> HeadCache:
+    """A late fusion's head logits and the labels, per test batch: every subset, and noise on one
+    modality, then need only the fusion rule (and that one head again)."""
+    with _eval_mode(method.model):
+        out = []
+        for batch in trainer.batches("test", shuffle=False):
+            with trainer.autocast():
+                out.append(({m: method.head_logits(batch, m) for m in method.modalities}, batch["label"]))
+        return out
+
+
+def _fused_accuracy(method: Method, trainer: Trainer, heads: Iterable[dict[str, torch.Tensor]],
+                    labels: Iterable[torch.Tensor]) -> float:
+    correct = torch.zeros((), dtype=torch.long, device=trainer.device)
+    total = 0
+    for logits, y in zip(heads, labels):
+        with trainer.autocast():
+            correct += (method.fuse_heads(logits).argmax(dim=1) == y).sum()
+        total += len(y)
+    return correct.item() / max(total, 1)
+
+
+def cached_subset_accuracy(method: Method, trainer: Trainer, cache: HeadCache, present: frozenset[str]) -> float:
+    """:func:`subset_accuracy` of a late fusion from its cached heads."""
+    kept = [m for m in method.modalities if m in present]
+    return _fused_accuracy(method, trainer, ({m: h[m] for m in kept} for h, _ in cache), (y for _, y in cache))
+
+
+def noise_accuracy(method: Method, trainer: Trainer, modality: str, sigma: float, std: float, seed: int,
+                   cache: HeadCache | None = None) -> float:
     """Test accuracy with N(0, (σ·std)²) added to ``modality``'s input; the noise comes from the
-    run's stream ``diagnostics/noise/<modality>/<σ>``, so it repeats to the bit."""
+    run's stream ``diagnostics/noise/<modality>/<σ>``, so it repeats to the bit. With a late
+    fusion's ``cache`` only that modality's head runs again."""
     gen = torch.Generator(device=trainer.device)
     gen.manual_seed(derive_seed(seed, f"diagnostics/noise/{modality}/{sigma:g}"))
     scale = sigma * std
 
-    def predict(batch: Batch) -> torch.Tensor:
+    def noisy(batch: Batch) -> Batch:
         x = batch[modality]
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
-        return method.predict({**batch, modality: x + (scale * noise).to(x.dtype)})
+        return {**batch, modality: x + (scale * noise).to(x.dtype)}
 
-    return trainer.accuracy(predict, method.model, "test")
+    if cache is None:
+        return trainer.accuracy(lambda b: method.predict(noisy(b)), method.model, "test")
+    with torch.inference_mode(), _eval_mode(method.model):
+        heads = []
+        for (logits, _), batch in zip(cache, trainer.batches("test", shuffle=False)):
+            with trainer.autocast():
+                heads.append({**logits, modality: method.head_logits(noisy(batch), modality)})
+        return _fused_accuracy(method, trainer, heads, (y for _, y in cache))
+
+
+@torch.inference_mode()
+def _cached_outputs(method: Method, trainer: Trainer, cache: HeadCache) -> tuple[EvalOutput, torch.Tensor]:
+    """What ``trainer.collect(method.eval_forward)`` gives, from a late fusion's cached heads."""
+    fused = []
+    for logits, _ in cache:
+        with trainer.autocast():
+            fused.append(method.fuse_heads(logits).float().cpu())
+    heads = {m: torch.cat([h[m].float().cpu() for h, _ in cache]) for m in method.modalities}
+    return EvalOutput(torch.cat(fused), heads, {}), torch.cat([y.cpu() for _, y in cache])
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    modes = [(mod, mod.training) for mod in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for mod, flag in modes:
+            mod.training = flag
 
 
 def _evaluated_subsets(modalities: Sequence[str]) -> list[frozenset[str]]:
@@ -262,14 +326,20 @@ class Diagnostics:
         mean, std = input_stats(trainer, names)
         fill = {m: (mean[m] if cfg.absent == "mean" else torch.zeros_like(mean[m])).to(trainer.device)
                 for m in names}
-        test, labels = trainer.collect(method.eval_forward, method.model, "test")
+        cache = head_cache(method, trainer) if method.absent_rule == "head" else None
+        if cache is not None:  # the fused and unimodal logits are the cached heads' (one pass fewer)
+            test, labels = _cached_outputs(method, trainer, cache)
+        else:
+            test, labels = trainer.collect(method.eval_forward, method.model, "test")
         clean = accuracy(test.logits, labels)
         v: dict[frozenset[str], float] = {frozenset(): 1.0 / method.info.num_classes, full: clean}
         for subset in _evaluated_subsets(names):
-            v[subset] = subset_accuracy(method, trainer, subset, fill)
+            v[subset] = (cached_subset_accuracy(method, trainer, cache, subset) if cache is not None
+                         else subset_accuracy(method, trainer, subset, fill))
         shapley = shapley_values(v, names) if len(names) <= MAX_SHAPLEY_MODALITIES else None
         util = utilisation(v, names)
-        noisy = {m: [noise_accuracy(method, trainer, m, s, std[m], cfg.seed) for s in NOISE_LEVELS] for m in names}
+        noisy = {m: [noise_accuracy(method, trainer, m, s, std[m], cfg.seed, cache) for s in NOISE_LEVELS]
+                 for m in names}
         return {
             "absent": method.absent_rule if method.absent_rule != "input" else cfg.absent,
             "modalities": names,

@@ -14,7 +14,9 @@ from benchmark.device import seed_everything, seeded
 from benchmark.diagnostics import (
     NOISE_LEVELS,
     Diagnostics,
+    cached_subset_accuracy,
     error_matrix,
+    head_cache,
     imbalance_degree,
     noise_accuracy,
     noise_auc,
@@ -145,16 +147,23 @@ def test_symmetric_construction_gives_equal_shapley(method_name):
     assert d["absent"] == ("zeros" if method_name == "joint" else "head")
 
 
-@pytest.mark.parametrize("method_name", ["joint", "udi", "mla"])
+@pytest.mark.parametrize("method_name", ["joint", "udi", "mla", "ensemble"])
 def test_noise_of_zero_gives_the_clean_accuracy(method_name):
     data = _balanced_data()
     method, trainer, _ = _train(method_name, data)
     clean = _clean_accuracy(method, trainer)
+    cache = head_cache(method, trainer) if method.absent_rule == "head" else None
     for m in ("a", "b"):
         assert noise_accuracy(method, trainer, m, 0.0, std=1.0, seed=0) == clean
+        assert noise_accuracy(method, trainer, m, 0.0, std=1.0, seed=0, cache=cache) == clean
     # large noise on the informative modality hurts; each (modality, σ) repeats to the bit
     assert noise_accuracy(method, trainer, "a", 4.0, std=1.0, seed=0) < clean
     assert noise_accuracy(method, trainer, "a", 1.0, 1.0, 0) == noise_accuracy(method, trainer, "a", 1.0, 1.0, 0)
+    if cache is not None:  # a late fusion's cached heads give what its full prediction gives
+        assert noise_accuracy(method, trainer, "a", 1.0, 1.0, 0, cache) == noise_accuracy(method, trainer, "a", 1.0, 1.0, 0)
+        for present in (F("a"), F("b"), F("ab")):
+            assert cached_subset_accuracy(method, trainer, cache, present) == subset_accuracy(method, trainer, present, {})
+        assert cached_subset_accuracy(method, trainer, cache, F("ab")) == clean
 
 
 def test_absent_mean_fills_the_training_mean():
@@ -178,7 +187,7 @@ def test_every_record_carries_diagnostics(method: str, modalities: int, tiny: di
     max_m = METHODS.get(method).max_modalities
     if max_m is not None and modalities > max_m:
         pytest.skip(f"{method} takes at most {max_m} modalities")
-    record = execute(prepare(build_config(dict(tiny, method=method, **{"dataset.modalities": modalities}))),
+    record = execute(prepare(build_config(dict(tiny, method=method, epochs=1, **{"dataset.modalities": modalities}))),
                      cache_dir=str(tmp_path))
     m, d = record["metrics"], record["metrics"]["diagnostics"]
     names = d["modalities"]
@@ -219,7 +228,7 @@ def test_more_than_four_modalities_skip_shapley(tiny: dict) -> None:
 
 @pytest.mark.parametrize("method", ["joint", "udi", "ogm_ge"])
 def test_diagnostics_repeat_and_leave_training_alone(method: str, tiny: dict, tmp_path) -> None:
-    cfg = dict(tiny, method=method, epochs=3)
+    cfg = dict(tiny, method=method)
     first = execute(prepare(build_config(cfg)))
     again = execute(prepare(build_config(cfg)))
     off = execute(prepare(build_config(dict(cfg, diagnostics=False))))

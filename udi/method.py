@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -362,9 +362,11 @@ class UDI(Method):
 
     absent_rule = "head"
 
-    def predict_subset(self, batch: Batch, present: Collection[str], fill: dict[str, torch.Tensor]) -> torch.Tensor:
-        kept = [m for m in self.modalities if m in present]
-        return fuse([self.model.units[m](batch[m])[0] for m in kept], self.options.fusion_rule)
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        return self.model.units[modality](batch[modality])[0]
+
+    def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fuse(list(logits.values()), self.options.fusion_rule)
 
     def training_readouts(self, stage: Stage, batch: Batch) -> dict[str, torch.Tensor] | None:
         """A follower's stage: the anchor's, the trained followers' and this follower's logits."""
