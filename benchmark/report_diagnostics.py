@@ -180,10 +180,11 @@ def _figures(frame: pd.DataFrame, dataset: str, folder: Path, modalities: list[s
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    def save(fig: Any, name: str) -> None:
+    def save(fig: Any, name: str, tight: bool = True) -> None:
         path = folder / f"{dataset}-{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        if tight:
+            fig.tight_layout()
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # the legends outside the axes included
         plt.close(fig)
         written.append(path)
 
@@ -211,8 +212,8 @@ def _figures(frame: pd.DataFrame, dataset: str, folder: Path, modalities: list[s
         grid = sns.relplot(pd.DataFrame(curves), x="sigma", y="accuracy", hue="label", hue_order=shown,
                            col="modality", kind="line", marker="o", errorbar="sd", height=3, aspect=1.1)
         grid.set_axis_labels("noise σ (× std of the input)", "test accuracy %")
-        grid.figure.suptitle(f"{dataset}: accuracy with Gaussian noise on one modality", y=1.02)
-        save(grid.figure, "noise-robustness")
+        grid.figure.suptitle(f"{dataset}: accuracy with Gaussian noise on one modality", y=1.03)
+        save(grid.figure, "noise-robustness", tight=False)  # the grid has laid itself out
 
     trace = []
     for r in frame[frame["label"].isin(shown)].itertuples():
