@@ -238,3 +238,15 @@ def test_diagnostics_repeat_and_leave_training_alone(method: str, tiny: dict, tm
     strip = ("seconds", "rho_seconds")
     d1, d2 = ({k: v for k, v in r["metrics"]["diagnostics"].items() if k not in strip} for r in (first, again))
     assert d1 == d2  # bit for bit: noise from its own named streams
+
+
+def test_fusion_without_readouts_uses_probes_and_has_no_rho(tiny: dict) -> None:
+    record = execute(prepare(build_config(dict(tiny, method="joint", fusion="gated", epochs=1))))
+    d = record["metrics"]["diagnostics"]
+    assert d["rho"] == [] and d["error_matrix"]["source"] == "probe"
+    assert sum(map(sum, d["error_matrix"]["fused_right"] + d["error_matrix"]["fused_wrong"])) == 64
+    assert sum(d["shapley"].values()) == pytest.approx(record["metrics"]["accuracy"] - d["chance"], abs=1e-12)
+    em, probes = d["error_matrix"], record["metrics"]["probe_accuracy"]
+    assert sum(em["fused_right"][1]) + sum(em["fused_wrong"][1]) == round(probes[em["rows"]] * 64)
+    columns_right = sum(row[1] for row in em["fused_right"] + em["fused_wrong"])
+    assert columns_right == round(probes[em["columns"]] * 64)
