@@ -49,6 +49,10 @@ class RunConfig:
     amp: str = opt("auto", "mixed precision: auto (bf16/fp16 on CUDA only), off, bf16 or fp16")
     num_workers: int = opt(0, "data-loader worker processes for on-disk datasets")
     probe: bool = opt(True, "fit per-modality linear probes on frozen features after training")
+    diagnostics: bool = opt(True, "imbalance diagnostics after training: Shapley values, missing/noisy-modality "
+                                  "robustness, utilisation, error matrix, ρ per epoch")
+    absent: str = opt("zeros", "diagnostics: an absent modality's input is zeros or the training-set mean "
+                               "(late fusions of unimodal heads leave the head out instead)")
     cache_dir: str = opt("", "where unimodal checkpoints are kept for reuse (default: <out>/cache)")
     method_options: dict = opt({}, "method options, set as method.<name>=<value>")
     dataset_options: dict = opt({}, "dataset options, set as dataset.<name>=<value>")
@@ -69,6 +73,7 @@ class RunConfig:
             "optimizer": ("sgd", "adam", "adamw"),
             "scheduler": ("none", "step", "cosine"),
             "amp": ("auto", "off", "bf16", "fp16"),
+            "absent": ("zeros", "mean"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

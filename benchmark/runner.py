@@ -22,6 +22,7 @@ import torch
 from benchmark.config import RunConfig, config_hash
 from benchmark.data import MultimodalData, create_dataset, resolve_dataset_options
 from benchmark.device import pick_device, seed_everything, seeded, set_determinism
+from benchmark.diagnostics import Diagnostics
 from benchmark.errors import DivergedError, UsageError
 from benchmark.method import Method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
@@ -127,6 +128,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run.data, run.device, log=log, cache_dir=cache_dir)
     trainer.on_epoch_end = on_epoch_end
+    diagnostics = Diagnostics(run, trainer) if cfg.diagnostics else None  # ρ per epoch; the rest after training
     method = run.method
     method.device = run.device
     with seeded(cfg.seed, f"method/{cfg.method}/build"):
@@ -134,7 +136,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     method.model.to(run.device)
     facts = method.run(trainer)
     metrics = evaluate(run, trainer)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - (diagnostics.seconds if diagnostics is not None else 0.0)  # the run without them
     mem, mem_kind = peak_memory_mb(run.device)
     epochs = trainer.epoch_seconds
     metrics.update(
@@ -145,6 +147,8 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
         peak_memory_kind=mem_kind,
         parameters=sum(p.numel() for p in method.model.parameters()),
     )
+    if diagnostics is not None:
+        metrics["diagnostics"] = diagnostics.evaluate()
     return {
         "schema": 1,
         "status": "ok",

@@ -74,6 +74,7 @@ class Trainer:
         self.data_wait_seconds = 0.0
         # Called with each per-epoch history row (e.g. to prune a tuning trial); may raise.
         self.on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+        self.stage: Stage | None = None  # the stage being trained (read by per-epoch diagnostics)
 
     # --- helpers a step may call ------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -152,6 +153,7 @@ class Trainer:
     def fit(self, stage: Stage) -> StageResult:
         """Train one stage; afterwards ``stage.module`` holds its best-validation weights."""
         cfg = self.cfg
+        self.stage = stage
         stage.module.to(self.device)
         if self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in stage.module.modules()):
             stage.module.to(memory_format=torch.channels_last)  # faster convolutions with tensor cores

@@ -166,7 +166,7 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
     from benchmark.runner import execute, prepare
 
     params = space(trial)
-    cfg = build_config({**fixed, **params})
+    cfg = build_config({"diagnostics": False, **fixed, **params})  # trials are judged on validation only
     run = prepare(cfg, data)
     step = 0
     storage = trial.study._storage
