@@ -324,8 +324,10 @@ class Diagnostics:
         names = list(method.info.modality_names)
         full = frozenset(names)
         mean, std = input_stats(trainer, names)
-        fill = {m: (mean[m] if cfg.absent == "mean" else torch.zeros_like(mean[m])).to(trainer.device)
-                for m in names}
+        # Token ids have no mean and no Gaussian noise: absent is all padding (id 0), noise is skipped.
+        tokens = {spec.name for spec in method.info.modalities if spec.kind == "tokens"}
+        fill = {m: (mean[m] if cfg.absent == "mean" and m not in tokens else torch.zeros_like(mean[m])
+                    ).to(trainer.device) for m in names}
         cache = head_cache(method, trainer) if method.absent_rule == "head" else None
         if cache is not None:  # the fused and unimodal logits are the cached heads' (one pass fewer)
             test, labels = _cached_outputs(method, trainer, cache)
@@ -339,7 +341,7 @@ class Diagnostics:
         shapley = shapley_values(v, names) if len(names) <= MAX_SHAPLEY_MODALITIES else None
         util = utilisation(v, names)
         noisy = {m: [noise_accuracy(method, trainer, m, s, std[m], cfg.seed, cache) for s in NOISE_LEVELS]
-                 for m in names}
+                 for m in names if m not in tokens}
         return {
             "absent": method.absent_rule if method.absent_rule != "input" else cfg.absent,
             "modalities": names,
@@ -354,7 +356,8 @@ class Diagnostics:
             "noise_levels": list(NOISE_LEVELS),
             "noise_accuracy": noisy,
             "noise_auc": {m: noise_auc(clean, accs) for m, accs in noisy.items()},
-            "input_std": std,
+            "input_std": {m: x for m, x in std.items() if m not in tokens},
+            "not_perturbed": sorted(tokens),
             "error_matrix": self._error_matrix(test, labels, names),
         }
 

@@ -206,6 +206,8 @@ def _figures(frame: pd.DataFrame, dataset: str, folder: Path, modalities: list[s
     for r in frame[frame["label"].isin(shown)].itertuples():
         d = r.diagnostics
         for m in modalities:
+            if m not in d["noise_accuracy"]:  # token inputs: no noise
+                continue
             for sigma, acc in zip([0.0, *d["noise_levels"]], [r.accuracy, *d["noise_accuracy"][m]]):
                 curves.append({"label": r.label, "modality": m, "sigma": sigma, "accuracy": acc * 100})
     if curves:
