@@ -85,8 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             assignments[name] = getattr(args, name)
     cfg = build_config(assignments)
-    out = check_output_dir(args.out)
-    run = prepare(cfg)
+    run = prepare(cfg)  # every name and value checked before anything is written
+    out = check_output_dir(args.out)  # created and test-written before training starts
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         path, record = run_and_record(run, out, log=log)
