@@ -3,6 +3,7 @@ an operating-system error into one line naming the path and the fix."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -41,6 +42,7 @@ def current_umask() -> int:
 def check_writable_dir(path: Path, flag: str) -> None:
     """Create ``path`` (whose parent must exist) and write, sync and remove a small file in it;
     UsageError naming the folder if any step fails (read-only, full, a file in the way)."""
+    created = not path.exists()
     try:
         path.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test-")
@@ -51,6 +53,9 @@ def check_writable_dir(path: Path, flag: str) -> None:
             os.close(fd)
             os.unlink(tmp)
     except OSError as exc:
+        if created:  # leave nothing behind
+            with contextlib.suppress(OSError):
+                path.rmdir()
         raise UsageError(f"cannot write in {str(path)!r} ({exc.strerror or exc}); {fix_for(exc)}, "
                          f"or give another {flag}") from None
 

@@ -17,8 +17,6 @@ are written through a temporary file and a rename, so a reader sees a whole reco
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,25 +44,15 @@ class Store:
     # --- checks ---------------------------------------------------------------------------
     def check_writable(self) -> None:
         """Create the folder if its parent exists, and prove it is writable; UsageError if not."""
+        from benchmark.files import check_writable_dir
+
         root = self.root
         if root.exists() and not root.is_dir():
             raise UsageError(f"store {str(root)!r} is a file; give a folder with --store")
-        if not root.exists():
-            if not root.resolve().parent.is_dir():
-                raise UsageError(f"store's parent folder {str(root.resolve().parent)!r} does not exist; "
-                                 "create it or choose another --store")
-            try:
-                root.mkdir()
-            except OSError as exc:
-                raise UsageError(f"cannot create store {str(root)!r} ({exc.strerror}); "
-                                 "choose another --store") from None
-        try:
-            fd, tmp = tempfile.mkstemp(dir=root, prefix=".write-test-")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError:
-            raise UsageError(f"store {str(root)!r} is not writable; fix its permissions or choose "
-                             "another --store") from None
+        if not root.exists() and not root.resolve().parent.is_dir():
+            raise UsageError(f"store's parent folder {str(root.resolve().parent)!r} does not exist; "
+                             "create it or choose another --store")
+        check_writable_dir(root, "--store")
 
     def check_readable(self) -> None:
         if not self.root.is_dir():

@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmark.claims import sweep_leftovers, wait_claim
 from benchmark.errors import UsageError
-from benchmark.files import check_parent, check_writable_dir, os_error_line
+from benchmark.files import check_parent, check_writable_dir, current_umask, os_error_line
 
 CACHE_ENV = "BMB_CACHE_DIR"
 DATA_ENV = "BMB_DATA_ROOT"
@@ -154,6 +154,7 @@ class DatasetCache:
         except OSError as exc:
             raise UsageError(os_error_line(exc, parent)) from None
         try:
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; colleagues share caches
             writer = CacheWriter(tmp)
             entries = fill(writer)
             manifest = {"dataset": self.dataset, "key": self.key, "recipe": self.recipe, **entries,
