@@ -690,7 +690,8 @@ def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bo
     for run in plan.runs:
         record, problem = check_record(Path(run.path)) if Path(run.path).exists() else (None, "")
         if problem:
-            print(f"note: record {run.path} is {problem}: the run is done again", file=sys.stderr)
+            print(f"note: record {run.path} is left aside ({problem}): the run is done again",
+                  file=sys.stderr)
         status[run.key] = None if record is None else record["status"]
     already = sum(1 for s in status.values() if s == "ok" or (s == "failed" and not retry_failed))
     todo = [r for r in plan.runs if status[r.key] is None or (status[r.key] == "failed" and retry_failed)]
