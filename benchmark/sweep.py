@@ -34,6 +34,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -711,6 +712,11 @@ def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bo
     finally:
         progress.close()
     lost = {key: pid for key, pid in progress.started.items() if pid in crashed}
+    for r in plan.runs:  # a worker killed before its "start" event left: its claim file names it
+        if crashed and r.key not in lost and store.read(Path(r.path)) is None:
+            pid = _holder_pid(store.holder(r.key))
+            if pid in crashed:
+                lost[r.key] = pid
     ended = _wait_for_holders(plan, store, set(lost))
     lacking = []
     for r in plan.runs:
@@ -724,6 +730,12 @@ def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bo
     return SweepResult(len(plan.runs), already, progress.finished, progress.failed, ok, failed,
                        len(plan.runs) - ok - failed, progress.trained, progress.reused,
                        time.perf_counter() - start, lacking, sorted(progress.errors))
+
+
+def _holder_pid(text: str) -> int:
+    """The pid in a claim's ``host:pid since ...`` when the host is this one, else 0."""
+    host, _, rest = text.split(" ", 1)[0].rpartition(":")
+    return int(rest) if host == socket.gethostname() and rest.isdigit() else 0
 
 
 def _wait_for_holders(plan: Plan, store: Store, lost: set[str]) -> dict[str, str]:
