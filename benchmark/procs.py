@@ -46,7 +46,10 @@ def worker_init() -> None:
 def die_with_parent() -> None:
     """This process gets SIGKILL when its parent ends (Linux: PR_SET_PDEATHSIG; elsewhere a
     thread that polls the parent's pid)."""
-    parent = os.getppid()
+    import multiprocessing as mp
+
+    spawner = mp.parent_process()  # the process that started us, even if it is already gone
+    parent = spawner.pid if spawner is not None and spawner.pid else os.getppid()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -23,6 +23,7 @@ from benchmark.config import config_hash
 from benchmark.data import MultimodalData, resolve_dataset_options
 from benchmark.device import seeded
 from benchmark.errors import UsageError
+from benchmark.files import current_umask, os_error_line
 from benchmark.method import Batch, EvalOutput, Stage, StepContext, options_of
 from benchmark.registry import DATASETS
 
@@ -120,8 +121,12 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
                 return model, dict(saved["info"], reused=True, checkpoint=str(path))
         result = trainer.fit(unimodal_stage(model))
         info = _facts(modality, result)
-        _save_atomic(path, {"key": key, "state": {k: v.cpu() for k, v in model.state_dict().items()},
-                            "info": info, "history": result.history})
+        try:
+            _save_atomic(path, {"key": key, "state": {k: v.cpu() for k, v in model.state_dict().items()},
+                                "info": info, "history": result.history})
+        except OSError as exc:  # a full cache disk costs the reuse, not the trained run
+            trainer.log(f"[unimodal:{modality}] warning: {os_error_line(exc, path)}; the model is not cached")
+            return model, dict(info, reused=False, checkpoint=None)
         return model, dict(info, reused=False, checkpoint=str(path))
     finally:
         if claim is not None:
@@ -165,6 +170,7 @@ def _save_atomic(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # shared with colleagues, like the records
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
