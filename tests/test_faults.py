@@ -578,3 +578,23 @@ def test_ctrl_c_of_tune_with_two_jobs_prints_one_line(tmp_path):
     assert not any(_alive(p) for p in workers)
     study = optuna.load_study(study_name="joint-synthetic", storage=f"sqlite:///{tmp_path / 'tuned' / 'optuna.db'}")
     assert not study.get_trials(states=(TrialState.RUNNING,))  # the workers gave their trials back
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_during_data_prepare_leaves_no_temporary_folder(tmp_path):
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmark", "data", "prepare", "cg-digits", "--cache-dir",
+                             str(cache)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not list(cache.glob("cg-digits/.*.tmp")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # mid-build: the hidden folder exists
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip() == "error: terminated", err
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("*.lock"))
+    assert not list(cache.glob("cg-digits/*/manifest.json"))  # nothing half-built was kept
