@@ -38,7 +38,13 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="only runs with this assignment, e.g. method.anchor=auto (repeatable)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="workers: default one per GPU, else one single-threaded worker per CPU core")
+                   help="workers: default --runs-per-gpu per visible GPU, else one worker per "
+                        "--threads-per-run CPU cores")
+    p.add_argument("--runs-per-gpu", type=int, default=1, metavar="N",
+                   help="workers sharing each GPU (CUDA_VISIBLE_DEVICES is respected) [1]")
+    p.add_argument("--threads-per-run", type=int, default=None, metavar="T",
+                   help="CPU threads of each run; --jobs x T may not exceed the cores "
+                        "[1 with the default --jobs, else cores // --jobs]")
     p.add_argument("--retry-failed", action="store_true", help="re-run the runs recorded as failed")
     p.add_argument("--tuned", action="append", default=[], metavar="PATH",
                    help="best-parameter file (or folder of them) written by `tune`: applied to the runs "
@@ -83,13 +89,17 @@ def _assignments(values: list[str], flag: str) -> dict[str, str]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from benchmark.store import Store
-    from benchmark.sweep import Filters, Smoke, _split_list, load_sweep, load_tuned, plan_sweep, run_plan
+    from benchmark.sweep import (Filters, Smoke, _split_list, default_placement, load_sweep, load_tuned,
+                                 plan_sweep, run_plan)
 
     spec = load_sweep(args.name)
     filters = Filters(_split_list(args.dataset), _split_list(args.method), _ints(args.seed, "--seed"),
                       list(args.label), _assignments(args.where, "--where"))
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    placement = None
+    if not (args.list or args.slurm):
+        placement = default_placement(args.jobs, args.runs_per_gpu, args.threads_per_run)
     smoke = None
     if args.smoke:
         if args.smoke_samples < 4 or args.smoke_epochs < 1:
@@ -131,7 +141,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     what = f"sweep {spec.name}" + (f" (smoke: {smoke.samples} samples per split, {smoke.epochs} epoch(s))"
                                    if smoke else "")
     print(f"{what}: {len(plan.runs)} runs into {store.root}", file=sys.stderr, flush=True)
-    result = run_plan(plan, store, args.jobs, args.retry_failed, live=False if args.no_live else None)
+    result = run_plan(plan, store, args.jobs, args.retry_failed, live=False if args.no_live else None,
+                      placement=placement)
     minutes, seconds = divmod(int(round(result.seconds)), 60)
     print(f"{what}: {result.total} runs: {result.ok_in_store} ok ({result.ran - result.failed_now} new, "
           f"{result.already} already in the store), {result.failed_in_store} failed, {result.missing} "

@@ -670,18 +670,69 @@ class SweepResult:
     errors: list[str] = field(default_factory=list)  # workers stopped by a filesystem error
 
 
-def default_jobs() -> tuple[int, list[str]]:
-    """One worker per GPU where there are GPUs, else one single-threaded worker per CPU core (at most 8)."""
+def visible_gpus(count: int, env: dict[str, str] | None = None) -> list[str]:
+    """The physical ids of the ``count`` GPUs this process sees, as CUDA_VISIBLE_DEVICES names them
+    (``cuda:i`` is the i-th of these); without the variable, 0..count-1."""
+    listed = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    ids = [part.strip() for part in listed.split(",") if part.strip()]
+    return ids[:count]
+
+
+@dataclass
+class Placement:
+    """Where each local worker runs: its device ("" = the run's own, i.e. the CPU) and its threads."""
+    devices: list[str]
+    threads: int
+    labels: list[str]  # what each worker is told it runs on, e.g. "cuda:0 (GPU 3)"
+
+    @property
+    def jobs(self) -> int:
+        return len(self.devices)
+
+
+def place_workers(gpus: list[str], cores: int, jobs: int | None = None, runs_per_gpu: int = 1,
+                  threads_per_run: int | None = None) -> Placement:
+    """Workers for a local sweep. With GPUs (their physical ids in ``gpus``): ``runs_per_gpu`` workers
+    share each GPU, spread over the GPUs first (``--jobs`` may take fewer). On the CPU: ``jobs`` x
+    ``threads_per_run`` never exceeds the cores (one thread per run and one run per core by default,
+    at most 8 runs)."""
+    if runs_per_gpu < 1:
+        raise UsageError(f"--runs-per-gpu must be >= 1, got {runs_per_gpu}")
+    if threads_per_run is not None and threads_per_run < 1:
+        raise UsageError(f"--threads-per-run must be >= 1, got {threads_per_run}")
+    if gpus:
+        slots = [(f"cuda:{i}", phys) for _ in range(runs_per_gpu) for i, phys in enumerate(gpus)]
+        jobs = len(slots) if jobs is None else jobs
+        if jobs > len(slots):  # more workers than slots: keep cycling over the GPUs
+            slots = [slots[i % len(slots)] for i in range(jobs)]
+        slots = slots[:jobs]
+        threads = threads_per_run or max(1, cores // max(1, jobs))
+        return Placement([d for d, _ in slots], threads, [f"{d} (GPU {phys})" for d, phys in slots])
+    if runs_per_gpu != 1:
+        raise UsageError("--runs-per-gpu needs a GPU; on the CPU use --jobs and --threads-per-run")
+    if jobs is None:
+        threads = threads_per_run or 1
+        jobs = max(1, min(8, cores // threads))
+    else:
+        threads = threads_per_run or max(1, cores // jobs)
+    if jobs * threads > cores:
+        raise UsageError(f"--jobs {jobs} x --threads-per-run {threads} = {jobs * threads} threads on "
+                         f"{cores} CPU cores; lower --jobs or --threads-per-run")
+    return Placement([""] * jobs, threads, ["cpu"] * jobs)
+
+
+def default_placement(jobs: int | None = None, runs_per_gpu: int = 1,
+                      threads_per_run: int | None = None) -> Placement:
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        return n, [f"cuda:{i}" for i in range(n)]
-    return max(1, min(8, os.cpu_count() or 1)), [""]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return place_workers(visible_gpus(count), os.cpu_count() or 1, jobs, runs_per_gpu, threads_per_run)
 
 
 def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bool = False,
-             live: bool | None = None) -> SweepResult:
+             live: bool | None = None, placement: Placement | None = None) -> SweepResult:
     """Run what the store lacks, over ``jobs`` workers (processes when more than one); then wait
     for the runs that other processes hold, and say why each run still without an ok record lacks it."""
     start = time.perf_counter()
@@ -696,17 +747,16 @@ def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bo
         status[run.key] = None if record is None else record["status"]
     already = sum(1 for s in status.values() if s == "ok" or (s == "failed" and not retry_failed))
     todo = [r for r in plan.runs if status[r.key] is None or (status[r.key] == "failed" and retry_failed)]
-    auto_jobs, devices = default_jobs()
-    jobs = max(1, min(jobs or auto_jobs, max(len(todo), 1)))
-    cpu = devices == [""]
-    threads = max(1, (os.cpu_count() or 1) // jobs) if cpu and jobs > 1 else 0
+    placement = placement or default_placement(jobs)
+    jobs = max(1, min(placement.jobs, max(len(todo), 1)))
+    devices, threads = placement.devices[:jobs], placement.threads
     retry_before = time.time() if retry_failed else 0.0
     progress = Progress(len(plan.runs), already, todo, jobs, live)
     crashed: dict[int, int] = {}
     try:
         if jobs == 1:
-            work(todo, WorkerSpec(str(store.root), "" if cpu else devices[0], threads, plan.smoke,
-                                  retry_before), progress.update)
+            work(todo, WorkerSpec(str(store.root), devices[0], threads, plan.smoke, retry_before),
+                 progress.update)
         else:
             crashed = _run_processes(todo, store, jobs, devices, threads, plan.smoke, retry_before, progress)
     finally:
