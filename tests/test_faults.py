@@ -29,6 +29,7 @@ from benchmark.store import Store, read_record
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "dataset.n_train=64", "--set", "dataset.n_val=32", "--set", "dataset.n_test=32",
         "--epochs", "1", "--set", "batch_size=32", "--set", "probe=false", "--quiet"]
+ONE_WORKER = ["--no-live", "--jobs", "1", "--threads-per-run", "1"]  # in this process, one thread
 TINY_DATA = '"dataset.n_train" = 96, "dataset.n_val" = 32, "dataset.n_test" = 32'
 
 
@@ -220,7 +221,7 @@ def test_sweep_on_a_full_or_read_only_disk(tmp_path, capsys, monkeypatch, code):
     path = write_sweep(tmp_path, "[methods.joint]\n")
     before = tree(tmp_path)
     fail_writes(monkeypatch, code)
-    assert main(["sweep", str(path), "--store", str(tmp_path / "store"), "--no-live", "--jobs", "1"]) == 2
+    assert main(["sweep", str(path), "--store", str(tmp_path / "store"), *ONE_WORKER]) == 2
     one_line(capsys, str(tmp_path / "store"), os.strerror(code))
     assert tree(tmp_path) == before
 
@@ -228,7 +229,7 @@ def test_sweep_on_a_full_or_read_only_disk(tmp_path, capsys, monkeypatch, code):
 def test_bad_records_are_run_again_and_reported_and_leftovers_swept(tmp_path, capsys):
     path = write_sweep(tmp_path, "[methods.joint]\n[methods.multi_loss]\n")
     store = tmp_path / "store"
-    assert main(["sweep", str(path), "--store", str(store), "--no-live", "--jobs", "1"]) == 0
+    assert main(["sweep", str(path), "--store", str(store), *ONE_WORKER]) == 0
     files = sorted((store / "records").glob("*/*.json"))
     assert len(files) == 2
     files[0].write_text("{}")  # parses, but is no record
@@ -236,7 +237,7 @@ def test_bad_records_are_run_again_and_reported_and_leftovers_swept(tmp_path, ca
     leftover = files[0].parent / f".{files[0].name}.k2j3.tmp"  # a writer killed mid-write
     leftover.write_text('{"stat')
     capsys.readouterr()
-    assert main(["sweep", str(path), "--store", str(store), "--no-live", "--jobs", "1"]) == 0
+    assert main(["sweep", str(path), "--store", str(store), *ONE_WORKER]) == 0
     err = capsys.readouterr().err
     assert f"removed {leftover}" in err
     for file in files:  # {} parses, but lacks every field; the other lacks its status
@@ -258,7 +259,7 @@ def test_unloadable_dataset_makes_the_sweep_fail_naming_it(tmp_path, capsys, mon
 
     monkeypatch.setattr(data, "create_dataset", tampered)
     path = write_sweep(tmp_path, "[methods.joint]\n", datasets="synthetic,cg-digits")
-    assert main(["sweep", str(path), "--store", str(tmp_path / "store"), "--no-live", "--jobs", "1"]) == 1
+    assert main(["sweep", str(path), "--store", str(tmp_path / "store"), *ONE_WORKER]) == 1
     err = capsys.readouterr().err
     lacking = [line for line in err.splitlines() if line.startswith("lacking:")]
     assert len(lacking) == 1 and "dataset cg-digits" in lacking[0] and "content hash" in lacking[0]
@@ -433,7 +434,7 @@ def test_killed_sweep_worker_fails_the_sweep_naming_the_run_and_a_restart_comple
     store = tmp_path / "store"
     order = [r.key for r in plan_sweep(load_sweep(str(path)), Store(store)).runs]
     proc = subprocess.Popen([sys.executable, "-m", "benchmark", "sweep", str(path), "--store", str(store),
-                             "--jobs", "2", "--no-live"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             "--jobs", "2", "--threads-per-run", "1", "--no-live"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     victim = victim_key = None
     deadline = time.monotonic() + 240
@@ -459,7 +460,7 @@ def test_killed_sweep_worker_fails_the_sweep_naming_the_run_and_a_restart_comple
     assert len(lacking) == 1 and victim_key in lacking[0] and f"pid {victim}" in lacking[0], err
     assert "ended abnormally" in lacking[0]
     # the restart runs what was lost, once: exactly one record per run, no temporary file
-    assert main(["sweep", str(path), "--store", str(store), "--jobs", "1", "--no-live"]) == 0
+    assert main(["sweep", str(path), "--store", str(store), *ONE_WORKER]) == 0
     files = sorted((store / "records").glob("*/*.json"))
     assert sorted(p.stem.rsplit("-", 1)[1] for p in files) == sorted(order)
     assert all(read_record(p)["status"] == "ok" for p in files)
