@@ -105,10 +105,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.smoke_samples < 4 or args.smoke_epochs < 1:
             raise UsageError("--smoke-samples must be >= 4 and --smoke-epochs >= 1")
         smoke = Smoke(args.smoke_samples, args.smoke_epochs)
+    if args.slurm < 0:
+        raise UsageError(f"--slurm takes a number of jobs >= 1 (0: run here), got {args.slurm}")
+    slurm_options = _assignments(args.slurm_opt, "--slurm-opt")
     tuned = load_tuned(args.tuned)
-    store_dir = args.store or (tempfile.mkdtemp(prefix=f"bmb-smoke-{spec.name}-") if smoke else DEFAULT_STORE)
-    store = Store(store_dir)
+    store = Store(args.store or DEFAULT_STORE)
     plan = plan_sweep(spec, store, filters, smoke, tuned)  # every value checked before the store is touched
+    executor = None
+    if args.slurm:
+        from benchmark.sweep import slurm_executor
+
+        executor = slurm_executor(plan, store, slurm_options, args.slurm_cluster)
+    if smoke and not args.store:  # a temporary store, made only once everything is checked
+        store = Store(tempfile.mkdtemp(prefix=f"bmb-smoke-{spec.name}-"))
+        for run in plan.runs:
+            run.path = str(store.record_path(run.dataset, run.method, run.seed, run.key))
     if not args.list:
         store.check_writable()
     for note in plan.notes:
@@ -122,8 +133,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.slurm:
         from benchmark.sweep import submit_slurm
 
-        ids = submit_slurm(plan, store, args.slurm, _assignments(args.slurm_opt, "--slurm-opt"),
-                           args.slurm_cluster, args.slurm_wait, args.retry_failed)
+        ids = submit_slurm(plan, store, args.slurm, slurm_options, args.slurm_cluster, args.slurm_wait,
+                           args.retry_failed, executor)
         print(f"submitted {len(ids)} SLURM job(s) for {len(plan.runs)} runs: {', '.join(ids)}; "
               f"logs in {store.root / 'slurm'}; re-run this command without --slurm to check or finish")
         return 0
@@ -135,12 +146,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     minutes, seconds = divmod(int(round(result.seconds)), 60)
     print(f"{what}: {result.total} runs: {result.ok_in_store} ok ({result.ran - result.failed_now} new, "
           f"{result.already} already in the store), {result.failed_in_store} failed, {result.missing} "
-          f"missing (held by another process); unimodal models "
+          f"missing; unimodal models "
           f"trained {result.trained}, reused {result.reused}; {minutes}m{seconds:02d}s; store {store.root}",
           flush=True)
-    if result.failed_in_store:
-        print(f"{result.failed_in_store} runs failed (reasons in their records under {store.root / 'records'}); "
-              "--retry-failed re-runs them", file=sys.stderr)
+    for message in result.errors:
+        print(f"error: {message}", file=sys.stderr)
+    for run, why in result.lacking:  # every planned run without an ok record, and why
+        name = f"{run.label} on {run.dataset} seed {run.seed} ({run.key})" if run else "left out"
+        print(f"lacking: {name}: {why}", file=sys.stderr)
+    if result.errors:
+        return 2
+    if result.lacking:
+        fixes = []
+        if result.failed_in_store:
+            fixes.append(f"--retry-failed re-runs the failed (reasons in their records under "
+                         f"{store.root / 'records'})")
+        if result.missing:
+            fixes.append("re-running the sweep finishes the lost runs")
+        print(f"{len(result.lacking)} planned runs lack an ok record" + (f"; {'; '.join(fixes)}" if fixes else ""),
+              file=sys.stderr)
         return 1
     return 0
 

@@ -214,6 +214,9 @@ class Trainer:
             self.epoch_seconds.append(epoch_time)
             self.data_wait_seconds += waited
             means = _epoch_means(logged)
+            if step == 0:  # every batch skipped: nothing was trained, there is no finite loss
+                raise DivergedError(f"stage {stage.name}: no batch of two or more samples at epoch {epoch}; "
+                                    "raise batch_size or the number of training samples")
             bad = [k for k, v in means.items() if not math.isfinite(v)]
             if bad:
                 raise DivergedError(

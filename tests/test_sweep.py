@@ -95,13 +95,11 @@ def test_grid_expansion_filters_and_keys(tmp_path):
     assert {r.seed for r in smoke.runs} == {0} and not {r.key for r in smoke.runs} & {r.key for r in plan.runs}
 
 
-def test_unregistered_method_is_left_out_unless_a_filter_names_it(tmp_path):
-    spec = load_sweep(str(write_sweep(tmp_path, GRID + "[methods.not_yet_written]\n")))
-    plan = plan_sweep(spec, Store(tmp_path / "s"))
-    assert any("not_yet_written" in note for note in plan.notes)
-    assert "not_yet_written" not in {r.method for r in plan.runs}
-    with pytest.raises(UsageError, match="unknown method 'not_yet_written'"):
-        plan_sweep(spec, Store(tmp_path / "s"), Filters(methods=["not_yet_written"]))
+def test_unregistered_method_in_a_sweep_file_is_refused_like_on_the_command_line(tmp_path):
+    spec = load_sweep(str(write_sweep(tmp_path, GRID + "[methods.jiont]\n")))
+    with pytest.raises(UsageError, match=r"\[methods.jiont\]: unknown method 'jiont'; known methods: "):
+        plan_sweep(spec, Store(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
 
 
 # --- bad input: one line, exit 2, nothing touched --------------------------------------------------

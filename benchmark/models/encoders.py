@@ -143,7 +143,21 @@ register_encoder("resnet18_audio")(ResNet18Audio)
 register_encoder("resnet18_visual")(ResNet18Visual)
 
 
+# Per-sample input ranks each convolutional encoder accepts (mlp flattens anything).
+INPUT_RANKS = {"small_cnn": (2, 3), "resnet18_audio": (2, 3), "resnet18_visual": (3, 4)}
+
+
+def check_encoder(name: str, spec: ModalitySpec) -> None:
+    """Refuse an encoder that cannot read the modality's samples (small_cnn on vectors, say)."""
+    ranks = INPUT_RANKS.get(name)
+    if ranks is not None and len(spec.shape) not in ranks:
+        raise UsageError(f"encoder {name} cannot read modality {spec.name!r} ({spec.kind} of shape "
+                         f"{tuple(spec.shape)}; it needs {' or '.join(f'{r}-D' for r in ranks)} samples); "
+                         f"choose another with --set encoder.{spec.name}=<name>, e.g. mlp")
+
+
 def create_encoder(name: str, spec: ModalitySpec) -> nn.Module:
+    check_encoder(name, spec)
     encoder = ENCODERS.get(name)(spec)
     if not isinstance(getattr(encoder, "out_dim", None), int):
         raise TypeError(f"encoder {name} does not expose an integer out_dim")
