@@ -1,4 +1,5 @@
-"""Sessions: tests, lint, bench (default sweep + report), smoke (every cell, tiny), report; each forwards its arguments."""
+"""Sessions: tests, lint, bench (default sweep + report), smoke (every cell, tiny), report, perf, cluster;
+each forwards its arguments."""
 
 import nox
 
@@ -95,3 +96,13 @@ def perf(session: nox.Session) -> None:
     goes to reports/perf.md. Arguments go to `python -m benchmark perf`."""
     _install_once(session)
     session.run("python", "-m", "benchmark", "perf", *session.posargs)
+
+
+@nox.session
+def cluster(session: nox.Session) -> None:
+    """A single-node SLURM cluster and a PostgreSQL server in a temporary folder (Debian's slurm-wlm,
+    munge and postgresql are installed when absent): a smoke sweep through the SLURM launcher and a
+    two-worker tuning study in PostgreSQL, checked, then everything torn down. Arguments go to
+    tools/cluster.py (e.g. -- --keep)."""
+    install(session, "cluster")
+    session.run("python", "tools/cluster.py", *session.posargs)

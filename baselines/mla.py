@@ -177,3 +177,11 @@ class MLA(Method):
         feats = self.encode(batch)
         logits = {m: self.model.head(f) for m, f in feats.items()}
         return EvalOutput(self.fuse(logits), logits, feats)
+
+    absent_rule = "head"
+
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        return self.model.head(self.model.encoders[modality](batch[modality]))
+
+    def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fuse(logits)

@@ -71,3 +71,11 @@ class Ensemble(Method):
         unimodal = {m: o.logits for m, o in zip(self.modalities, outs)}
         features = {m: o.features[m] for m, o in zip(self.modalities, outs)}
         return EvalOutput(fuse(list(unimodal.values()), "prob_mean"), unimodal, features)
+
+    absent_rule = "head"
+
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        return self.model[modality](batch[modality])[0]
+
+    def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fuse(list(logits.values()), "prob_mean")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 from typing import Any, NoReturn
 
 from benchmark.config import RunConfig, build_config, options_help, parse_assignments
@@ -83,8 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             assignments[name] = getattr(args, name)
     cfg = build_config(assignments)
-    out = check_output_dir(args.out)
-    run = prepare(cfg)
+    run = prepare(cfg)  # every name and value checked before anything is written
+    out = check_output_dir(args.out)  # created and test-written before training starts
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         path, record = run_and_record(run, out, log=log)
@@ -121,7 +123,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that every ``finally`` (temporary files, claims,
+    worker processes) runs before it ends."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -129,9 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DivergedError as exc:
+        print(f"error: run diverged: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:  # a filesystem failure not caught nearer: still one line
+        from benchmark.files import os_error_line
+
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["OneLineParser", "build_parser", "main"]

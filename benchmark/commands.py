@@ -38,7 +38,13 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="only runs with this assignment, e.g. method.anchor=auto (repeatable)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="workers: default one per GPU, else one single-threaded worker per CPU core")
+                   help="workers: default --runs-per-gpu per visible GPU, else one worker per "
+                        "--threads-per-run CPU cores")
+    p.add_argument("--runs-per-gpu", type=int, default=1, metavar="N",
+                   help="workers sharing each GPU (CUDA_VISIBLE_DEVICES is respected) [1]")
+    p.add_argument("--threads-per-run", type=int, default=None, metavar="T",
+                   help="CPU threads of each run; --jobs x T may not exceed the cores "
+                        "[1 with the default --jobs, else cores // --jobs]")
     p.add_argument("--retry-failed", action="store_true", help="re-run the runs recorded as failed")
     p.add_argument("--tuned", action="append", default=[], metavar="PATH",
                    help="best-parameter file (or folder of them) written by `tune`: applied to the runs "
@@ -83,22 +89,37 @@ def _assignments(values: list[str], flag: str) -> dict[str, str]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from benchmark.store import Store
-    from benchmark.sweep import Filters, Smoke, _split_list, load_sweep, load_tuned, plan_sweep, run_plan
+    from benchmark.sweep import (Filters, Smoke, _split_list, default_placement, load_sweep, load_tuned,
+                                 plan_sweep, run_plan)
 
     spec = load_sweep(args.name)
     filters = Filters(_split_list(args.dataset), _split_list(args.method), _ints(args.seed, "--seed"),
                       list(args.label), _assignments(args.where, "--where"))
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    placement = None
+    if not (args.list or args.slurm):
+        placement = default_placement(args.jobs, args.runs_per_gpu, args.threads_per_run)
     smoke = None
     if args.smoke:
         if args.smoke_samples < 4 or args.smoke_epochs < 1:
             raise UsageError("--smoke-samples must be >= 4 and --smoke-epochs >= 1")
         smoke = Smoke(args.smoke_samples, args.smoke_epochs)
+    if args.slurm < 0:
+        raise UsageError(f"--slurm takes a number of jobs >= 1 (0: run here), got {args.slurm}")
+    slurm_options = _assignments(args.slurm_opt, "--slurm-opt")
     tuned = load_tuned(args.tuned)
-    store_dir = args.store or (tempfile.mkdtemp(prefix=f"bmb-smoke-{spec.name}-") if smoke else DEFAULT_STORE)
-    store = Store(store_dir)
+    store = Store(args.store or DEFAULT_STORE)
     plan = plan_sweep(spec, store, filters, smoke, tuned)  # every value checked before the store is touched
+    executor = None
+    if args.slurm:
+        from benchmark.sweep import slurm_executor
+
+        executor = slurm_executor(plan, store, slurm_options, args.slurm_cluster)
+    if smoke and not args.store:  # a temporary store, made only once everything is checked
+        store = Store(tempfile.mkdtemp(prefix=f"bmb-smoke-{spec.name}-"))
+        for run in plan.runs:
+            run.path = str(store.record_path(run.dataset, run.method, run.seed, run.key))
     if not args.list:
         store.check_writable()
     for note in plan.notes:
@@ -112,24 +133,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.slurm:
         from benchmark.sweep import submit_slurm
 
-        ids = submit_slurm(plan, store, args.slurm, _assignments(args.slurm_opt, "--slurm-opt"),
-                           args.slurm_cluster, args.slurm_wait, args.retry_failed)
+        ids = submit_slurm(plan, store, args.slurm, slurm_options, args.slurm_cluster, args.slurm_wait,
+                           args.retry_failed, executor)
         print(f"submitted {len(ids)} SLURM job(s) for {len(plan.runs)} runs: {', '.join(ids)}; "
               f"logs in {store.root / 'slurm'}; re-run this command without --slurm to check or finish")
         return 0
     what = f"sweep {spec.name}" + (f" (smoke: {smoke.samples} samples per split, {smoke.epochs} epoch(s))"
                                    if smoke else "")
     print(f"{what}: {len(plan.runs)} runs into {store.root}", file=sys.stderr, flush=True)
-    result = run_plan(plan, store, args.jobs, args.retry_failed, live=False if args.no_live else None)
+    result = run_plan(plan, store, args.jobs, args.retry_failed, live=False if args.no_live else None,
+                      placement=placement)
     minutes, seconds = divmod(int(round(result.seconds)), 60)
     print(f"{what}: {result.total} runs: {result.ok_in_store} ok ({result.ran - result.failed_now} new, "
           f"{result.already} already in the store), {result.failed_in_store} failed, {result.missing} "
-          f"missing (held by another process); unimodal models "
+          f"missing; unimodal models "
           f"trained {result.trained}, reused {result.reused}; {minutes}m{seconds:02d}s; store {store.root}",
           flush=True)
-    if result.failed_in_store:
-        print(f"{result.failed_in_store} runs failed (reasons in their records under {store.root / 'records'}); "
-              "--retry-failed re-runs them", file=sys.stderr)
+    for message in result.errors:
+        print(f"error: {message}", file=sys.stderr)
+    for run, why in result.lacking:  # every planned run without an ok record, and why
+        name = f"{run.label} on {run.dataset} seed {run.seed} ({run.key})" if run else "left out"
+        print(f"lacking: {name}: {why}", file=sys.stderr)
+    if result.errors:
+        return 2
+    if result.lacking:
+        fixes = []
+        if result.failed_in_store:
+            fixes.append(f"--retry-failed re-runs the failed (reasons in their records under "
+                         f"{store.root / 'records'})")
+        if result.missing:
+            fixes.append("re-running the sweep finishes the lost runs")
+        print(f"{len(result.lacking)} planned runs lack an ok record" + (f"; {'; '.join(fixes)}" if fixes else ""),
+              file=sys.stderr)
         return 1
     return 0
 

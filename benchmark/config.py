@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from benchmark.errors import UsageError
+
+MAX_SEED = 2**32 - 1  # numpy and the data loaders take seeds below 2**32
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -57,6 +60,10 @@ class RunConfig:
     amp: str = opt("auto", "mixed precision: auto (bf16/fp16 on CUDA only), off, bf16 or fp16")
     num_workers: int = opt(0, "data-loader worker processes for on-disk datasets")
     probe: bool = opt(True, "fit per-modality linear probes on frozen features after training")
+    diagnostics: bool = opt(True, "imbalance diagnostics after training: Shapley values, missing/noisy-modality "
+                                  "robustness, utilisation, error matrix, ρ per epoch")
+    absent: str = opt("zeros", "diagnostics: an absent modality's input is zeros or the training-set mean "
+                               "(late fusions of unimodal heads leave the head out instead)")
     cache_dir: str = opt("", "where unimodal checkpoints are kept for reuse (default: <out>/cache)")
     method_options: dict = opt({}, "method options, set as method.<name>=<value>")
     dataset_options: dict = opt({}, "dataset options, set as dataset.<name>=<value>")
@@ -69,18 +76,30 @@ class RunConfig:
             low = 0 if name == "epochs" else 1
             if getattr(self, name) < low:
                 raise UsageError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.batch_size < 2:  # BatchNorm cannot train on one sample: every batch would be skipped
+            raise UsageError(f"batch_size must be >= 2 (BatchNorm needs two samples per batch), got {self.batch_size}")
         if self.patience < 0 or self.num_workers < 0:
             raise UsageError("patience and num_workers must be >= 0")
         if min(self.unimodal_epochs, self.unimodal_patience, self.unimodal_lr_decay, self.precise_bn) < 0:
             raise UsageError(f"unimodal_epochs, unimodal_patience, unimodal_lr_decay and precise_bn must be "
                              f">= 0, got {self.unimodal_epochs}, {self.unimodal_patience}, "
                              f"{self.unimodal_lr_decay}, {self.precise_bn}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        ranges = {  # name: (test, the range in words); NaN and infinity fail every test
+            "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+            "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            "gamma": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+        }
+        for name, (ok, words) in ranges.items():
+            if not ok(getattr(self, name)):
+                raise UsageError(f"{name} must be {words}, got {getattr(self, name)}")
         choices = {
             "optimizer": ("sgd", "adam", "adamw"),
             "scheduler": ("none", "step", "cosine"),
             "amp": ("auto", "off", "bf16", "fp16"),
+            "absent": ("zeros", "mean"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

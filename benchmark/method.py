@@ -12,7 +12,7 @@ Methods never read files or write results; the trainer and the runner do.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -162,6 +162,37 @@ class Method:
 
     def eval_forward(self, batch: Batch) -> EvalOutput:
         raise NotImplementedError
+
+    # --- imbalance diagnostics (benchmark.diagnostics) -----------------------------------------
+    # How a modality is made absent: "input" (its encoder sees a fill value: zeros or the
+    # training mean) or "head" (a late fusion of unimodal heads, which overrides head_logits and
+    # fuse_heads, leaves that head out).
+    absent_rule: ClassVar[str] = "input"
+
+    def predict_subset(self, batch: Batch, present: Collection[str], fill: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits with only the modalities in ``present``: every other modality's input is
+        replaced by ``fill[m]`` (one sample, broadcast over the batch), or, for a late fusion of
+        unimodal heads, its head is left out."""
+        if self.absent_rule == "head":
+            return self.fuse_heads({m: self.head_logits(batch, m) for m in self.modalities if m in present})
+        masked = {k: (fill[k].expand_as(v) if k in fill and k not in present else v) for k, v in batch.items()}
+        return self.predict(masked)
+
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        """A late fusion's unimodal head: the logits of ``modality`` alone."""
+        raise NotImplementedError
+
+    def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A late fusion's test-time rule over the heads given (in modality order); over every
+        head it gives :meth:`predict`'s logits."""
+        raise NotImplementedError
+
+    def training_readouts(self, stage: Stage, batch: Batch) -> dict[str, torch.Tensor] | None:
+        """Per-modality logits of the model ``stage`` is training (the ρ trace), or None. By
+        default the unimodal readouts of :meth:`eval_forward` while the stage trains the whole model."""
+        if stage.module is not self.model:
+            return None
+        return self.eval_forward(batch).unimodal
 
     def stage(self) -> Stage:
         """The single stage of a one-phase method."""

@@ -22,14 +22,19 @@ def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> fl
                           zero_division=0))
 
 
-def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor,
-                          test_x: torch.Tensor, test_y: torch.Tensor) -> float:
-    """Accuracy on test of a multinomial logistic regression fitted on frozen train features
+def linear_probe_predictions(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor) -> np.ndarray:
+    """Test predictions of a multinomial logistic regression fitted on frozen train features
     (standardised; L2 strength C = 1; L-BFGS, deterministic)."""
     scaler = StandardScaler().fit(train_x.numpy())
     clf = LogisticRegression(max_iter=1000, C=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(scaler.transform(train_x.numpy()), train_y.numpy())
-    preds = clf.predict(scaler.transform(test_x.numpy()))
+    return clf.predict(scaler.transform(test_x.numpy()))
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor,
+                          test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Accuracy on test of the linear probe of :func:`linear_probe_predictions`."""
+    preds = linear_probe_predictions(train_x, train_y, test_x)
     return float(np.mean(preds == test_y.numpy()))

@@ -317,8 +317,13 @@ def cmd_perf(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.epochs < 2:
         raise UsageError("--repeats must be >= 1 and --epochs >= 2 (the first epoch is warm-up)")
     out = Path(args.out)
+    if not str(args.out).strip() or out.is_dir():
+        raise UsageError(f"--out {args.out!r} must name a file (the table), not a folder; e.g. --out reports/perf.md")
     if not out.parent.is_dir():
         raise UsageError(f"folder {str(out.parent)!r} for --out does not exist; create it or change --out")
+    from benchmark.files import check_writable_dir
+
+    check_writable_dir(out.parent, "--out")  # before minutes of measuring
     set_determinism(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     sections = [f"# Throughput (`python -m benchmark perf {' '.join(sys.argv[2:])}`)".rstrip()]
@@ -338,8 +343,14 @@ def cmd_perf(args: argparse.Namespace) -> int:
     waits = data_wait(device, args.epochs)
     print("\n".join(waits), flush=True)
     sections += ["", "### Data loading", "", *[f"- {w}" for w in waits]]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(sections) + "\n")
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text("\n".join(sections) + "\n")
+        tmp.replace(out)
+    except OSError as exc:
+        from benchmark.files import os_error_line
+
+        tmp.unlink(missing_ok=True)
+        raise UsageError(os_error_line(exc, out)) from None
     print(f"written to {out}", file=sys.stderr)
     return 0

@@ -46,6 +46,11 @@ def load_records(root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def unreadable(root: Path) -> list[Path]:
+    """Record files under ``root`` that do not parse (a reader leaves them out and says so)."""
+    return [p for p in record_files(root) if read_record(p) is None]
+
+
 def is_location(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     if "." not in name:

@@ -23,7 +23,9 @@ from benchmark.config import RunConfig, config_hash
 from benchmark.convergence import RULE as CONVERGENCE_RULE
 from benchmark.data import MultimodalData, create_dataset, resolve_dataset_options
 from benchmark.device import pick_device, seed_everything, seeded, set_determinism
+from benchmark.diagnostics import Diagnostics
 from benchmark.errors import DivergedError, UsageError
+from benchmark.files import check_writable_dir, current_umask, os_error_line
 from benchmark.method import Method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
 from benchmark.registry import ENCODERS
@@ -57,11 +59,37 @@ def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
     if data is None:
         data = create_dataset(cfg.dataset, cfg.dataset_options)
     method = create_method(cfg.method, data.info, cfg)
+    check_trainable(method, data)
+    if cfg.cache_dir:
+        check_cache_dir(cfg.cache_dir)
     resolved = cfg.to_dict()
     resolved["method_options"] = options_of(method.options)
     resolved["dataset_options"] = options_of(dataset_options)
     resolved["encoder"] = {m: method.encoder_name(m) for m in data.info.modality_names}
     return PreparedRun(cfg, data, method, device, resolved)
+
+
+def check_trainable(method: Method, data: MultimodalData) -> None:
+    """Refuse, before any training, encoders that cannot read their modality and a training split
+    too small for one batch of two samples (BatchNorm cannot train on one)."""
+    from benchmark.models.encoders import check_encoder
+
+    for m in data.info.modality_names:
+        check_encoder(method.encoder_name(m), data.info.modality(m))
+    n = len(data.splits["train"])
+    if n < 2:
+        raise UsageError(f"the training split of {data.info.name} has {n} sample(s); a run needs at least 2 "
+                         "(raise dataset.n_train or the dataset's size option)")
+
+
+def check_cache_dir(folder: str) -> None:
+    """cache_dir must be a folder, or one that can be created in an existing parent."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"cache_dir {folder!r} is a file; give a folder with --set cache_dir=...")
+    if not path.exists() and not path.resolve().parent.is_dir():
+        raise UsageError(f"cache_dir's parent {str(path.resolve().parent)!r} does not exist; create it or "
+                         "choose another cache_dir")
 
 
 def defaults_of(run: PreparedRun) -> dict[str, Any]:
@@ -189,6 +217,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run.data, run.device, log=log, cache_dir=cache_dir)
     trainer.on_epoch_end = on_epoch_end
+    diagnostics = Diagnostics(run, trainer) if cfg.diagnostics else None  # ρ per epoch; the rest after training
     method = run.method
     method.device = run.device
     with seeded(cfg.seed, f"method/{cfg.method}/build"):
@@ -196,7 +225,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     method.model.to(run.device)
     facts = method.run(trainer)
     metrics = evaluate(run, trainer)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - (diagnostics.seconds if diagnostics is not None else 0.0)  # the run without them
     mem, mem_kind = peak_memory_mb(run.device)
     epochs = trainer.epoch_seconds
     metrics.update(
@@ -207,6 +236,8 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
         peak_memory_kind=mem_kind,
         parameters=sum(p.numel() for p in method.model.parameters()),
     )
+    if diagnostics is not None:
+        metrics["diagnostics"] = diagnostics.evaluate()
     return {
         "schema": 1,
         "status": "ok",
@@ -244,30 +275,41 @@ def failed_record(run: PreparedRun, error: BaseException) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temporary file in the same folder and rename: never a half-written file.
+    The file gets the usual permissions (0666 less the umask), so colleagues can read a shared store."""
+    text = json.dumps(data, indent=1, default=str, allow_nan=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UsageError(os_error_line(exc, path)) from None
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=str, allow_nan=True)
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # full, read-only: one line naming the file; the temporary file goes
+        raise UsageError(os_error_line(exc, path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def check_output_dir(out: str) -> Path:
-    """The output folder, whose parent must exist (a typo in a path is refused, not created)."""
+    """The output folder, whose parent must exist (a typo in a path is refused, not created);
+    created and test-written here, before any training, so a result is never lost for want of
+    a place to write it."""
+    if not str(out).strip():
+        raise UsageError("--out is empty; give a folder for the result record")
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"output path {out!r} is a file; give a folder with --out")
     if not path.exists() and not path.resolve().parent.is_dir():
         raise UsageError(f"output folder's parent {str(path.resolve().parent)!r} does not exist; "
                          "create it or choose another --out")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"output folder {out!r} is not writable; choose another --out")
+    check_writable_dir(path, "--out")
     return path
 
 

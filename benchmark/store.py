@@ -16,15 +16,12 @@ are written through a temporary file and a rename, so a reader sees a whole reco
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmark.claims import Claim, holder, sweep_leftovers, try_claim, wait_claim
 from benchmark.errors import UsageError
 
 RECORDS, CLAIMS, CACHE, LOGS = "records", "claims", "cache", "logs"
@@ -38,22 +35,6 @@ def key_of(path: Path) -> str:
     return path.stem.rsplit("-", 1)[-1]
 
 
-@dataclass
-class Claim:
-    """A held claim on one key; ``release`` (or process exit) frees it."""
-
-    path: Path
-    fd: int
-
-    def release(self, remove: bool = True) -> None:
-        if self.fd < 0:
-            return
-        if remove:  # the record exists now: whoever opens the path later re-checks and skips
-            self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.fd = -1
-
-
 class Store:
     """A folder of run records (see the module docstring)."""
 
@@ -63,25 +44,15 @@ class Store:
     # --- checks ---------------------------------------------------------------------------
     def check_writable(self) -> None:
         """Create the folder if its parent exists, and prove it is writable; UsageError if not."""
+        from benchmark.files import check_writable_dir
+
         root = self.root
         if root.exists() and not root.is_dir():
             raise UsageError(f"store {str(root)!r} is a file; give a folder with --store")
-        if not root.exists():
-            if not root.resolve().parent.is_dir():
-                raise UsageError(f"store's parent folder {str(root.resolve().parent)!r} does not exist; "
-                                 "create it or choose another --store")
-            try:
-                root.mkdir()
-            except OSError as exc:
-                raise UsageError(f"cannot create store {str(root)!r} ({exc.strerror}); "
-                                 "choose another --store") from None
-        try:
-            fd, tmp = tempfile.mkstemp(dir=root, prefix=".write-test-")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError:
-            raise UsageError(f"store {str(root)!r} is not writable; fix its permissions or choose "
-                             "another --store") from None
+        if not root.exists() and not root.resolve().parent.is_dir():
+            raise UsageError(f"store's parent folder {str(root.resolve().parent)!r} does not exist; "
+                             "create it or choose another --store")
+        check_writable_dir(root, "--store")
 
     def check_readable(self) -> None:
         if not self.root.is_dir():
@@ -107,42 +78,50 @@ class Store:
         """key → "ok" / "failed" / "corrupt" for every record file (reads each file)."""
         out: dict[str, str] = {}
         for path in self.record_files():
-            record = read_record(path)
-            out[key_of(path)] = "corrupt" if record is None else str(record.get("status", "corrupt"))
+            record = self.read(path)
+            out[key_of(path)] = "corrupt" if record is None else record["status"]
         return out
 
     def records(self, status: str | None = "ok") -> Iterator[dict[str, Any]]:
-        """Every readable record (those with ``status``, or all when None)."""
+        """Every whole record (those with ``status``, or all when None); the others are listed in
+        ``self.bad`` as (path, problem) for the caller to report."""
+        self.bad: list[tuple[Path, str]] = []
         for path in self.record_files():
-            record = read_record(path)
-            if record is not None and (status is None or record.get("status") == status):
+            record, problem = check_record(path)
+            if record is None:
+                self.bad.append((path, problem))
+            elif status is None or record.get("status") == status:
                 yield record
 
     def read(self, path: Path) -> dict[str, Any] | None:
-        return read_record(path)
+        """The record at ``path`` if it is whole; None if it is absent, unreadable or lacks a
+        required field (such a record is run again)."""
+        return check_record(path)[0]
 
     # --- claims and writing -----------------------------------------------------------------
+    def claim_path(self, key: str) -> Path:
+        return self.root / CLAIMS / f"{key}.lock"
+
     def claim(self, key: str) -> Claim | None:
         """Take the claim on ``key`` without waiting; None when another process holds it."""
-        path = self.root / CLAIMS / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        # The holder may have removed the path after finishing: our lock must be on the live file.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
-            os.close(fd)
-            return self.claim(key)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.uname().nodename}:{os.getpid()}\n".encode())
-        return Claim(path, fd)
+        return try_claim(self.claim_path(key))
+
+    def wait(self, key: str, on_wait: Callable[[str], None] | None = None, what: str = "") -> Claim:
+        """Take the claim on ``key``, waiting (and saying for whom) while another process holds it."""
+        claim = wait_claim(self.claim_path(key), on_wait, what or f"run {key}")
+        assert claim is not None
+        return claim
+
+    def holder(self, key: str) -> str:
+        return holder(self.claim_path(key))
+
+    def sweep_temporary(self) -> list[Path]:
+        """Remove the temporary record files of writers that are gone (a killed sweep)."""
+        def lock_of(tmp: Path) -> Path | None:
+            name = tmp.name[1:].split(".json.", 1)[0]  # .<record name>.json.<random>.tmp
+            return self.claim_path(name.rsplit("-", 1)[-1]) if "-" in name else None
+
+        return sweep_leftovers(sorted((self.root / RECORDS).glob("*/.*.tmp")), lock_of)
 
     def write(self, path: Path, record: dict[str, Any]) -> None:
         from benchmark.runner import write_json_atomic  # (reading a store needs no torch)
@@ -158,6 +137,28 @@ def read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+REQUIRED = {"status": str, "method": str, "dataset": str, "seed": int}
+
+
+def check_record(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(record, "") for a whole record, else (None, what is wrong with it)."""
+    record = read_record(path)
+    if record is None:
+        return None, "not a JSON object (unreadable or cut short)"
+    for name, kind in REQUIRED.items():
+        value = record.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return None, f"field {name!r} is missing or not a {kind.__name__}"
+    if record["status"] not in ("ok", "failed"):
+        return None, f"status {record['status']!r} is neither ok nor failed"
+    if record["status"] == "ok":
+        metrics = record.get("metrics")
+        acc = metrics.get("accuracy") if isinstance(metrics, dict) else None
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool):
+            return None, "an ok record without a numeric metrics.accuracy"
+    return record, ""
 
 
 def count_unimodal_reuse(record: dict[str, Any]) -> tuple[int, int]:

@@ -82,6 +82,7 @@ class Trainer:
         self.data_wait_seconds = 0.0
         # Called with each per-epoch history row (e.g. to prune a tuning trial); may raise.
         self.on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+        self.stage: Stage | None = None  # the stage being trained (read by per-epoch diagnostics)
 
     # --- helpers a step may call ------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -173,6 +174,7 @@ class Trainer:
     def fit(self, stage: Stage) -> StageResult:
         """Train one stage; afterwards ``stage.module`` holds its best-validation weights."""
         cfg = self.cfg
+        self.stage = stage
         stage.module.to(self.device)
         if self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in stage.module.modules()):
             stage.module.to(memory_format=torch.channels_last)  # faster convolutions with tensor cores
@@ -235,6 +237,9 @@ class Trainer:
             self.epoch_seconds.append(epoch_time)
             self.data_wait_seconds += waited
             means = _epoch_means(logged)
+            if step == 0:  # every batch skipped: nothing was trained, there is no finite loss
+                raise DivergedError(f"stage {stage.name}: no batch of two or more samples at epoch {epoch}; "
+                                    "raise batch_size or the number of training samples")
             bad = [k for k, v in means.items() if not math.isfinite(v)]
             if bad:
                 raise DivergedError(

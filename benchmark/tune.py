@@ -20,19 +20,27 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmark.claims import process_alive
 from benchmark.config import build_config, parse_assignments
 from benchmark.errors import UsageError
-from benchmark.unimodal import process_alive
+from benchmark.procs import start_workers, worker_init
 
 Space = Callable[[Any], dict[str, Any]]
-STALE_SECONDS = 3600.0  # a running trial of another host with no heartbeat for this long is taken as dead
+# A running trial is a lease: its worker renews the "heartbeat" every LEASE_SECONDS / 4 from a
+# thread, and a trial not renewed for LEASE_SECONDS (an owner on another host that died, or no
+# owner at all) is failed and queued again with its parameters. A dead owner on this host is
+# seen at once.
+LEASE_SECONDS = float(os.environ.get("BMB_TUNE_LEASE", "120"))
+POLL_SECONDS = 1.0
 
 
 def _shared(trial: Any) -> dict[str, Any]:
@@ -136,25 +144,48 @@ def _counted_states() -> tuple[Any, ...]:
 
 
 def _fail_dead_trials(study: Any) -> int:
-    """Mark as failed the running trials whose worker is gone (dead pid on this host, or no
-    heartbeat for STALE_SECONDS): they are run again."""
+    """Fail the running trials whose worker is gone (a dead pid on this host, or a lease not renewed
+    for LEASE_SECONDS) and queue each again with its parameters; returns how many."""
     from optuna.trial import TrialState
 
     host, now, failed = socket.gethostname(), time.time(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("owner", "")
+        owner = str(t.user_attrs.get("owner", ""))
         started = t.datetime_start.timestamp() if t.datetime_start else now
         beat = float(t.user_attrs.get("heartbeat", started))
         o_host, _, pid = owner.rpartition(":")
-        dead = (o_host == host and pid.isdigit() and not process_alive(int(pid))) or now - beat > STALE_SECONDS
-        if dead:
-            try:
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                study._storage.set_trial_user_attr(t._trial_id, "error", "worker died")
-                failed += 1
-            except Exception:  # another worker did it first
-                pass
+        dead = (o_host == host and pid.isdigit() and not process_alive(int(pid))) or now - beat > LEASE_SECONDS
+        if not dead:
+            continue
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {owner or '(none)'} gone")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except Exception:  # another worker did it first
+            continue
+        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        failed += 1
     return failed
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
+    """Renew the trial's lease from a thread while it trains (an epoch may outlast the lease)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(LEASE_SECONDS / 4):
+            try:
+                storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+            except Exception:  # finished (or failed by another worker): nothing left to renew
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name="trial-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 # --- the objective ---------------------------------------------------------------------------------
@@ -166,7 +197,7 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
     from benchmark.runner import execute, prepare
 
     params = space(trial)
-    cfg = build_config({**fixed, **params})
+    cfg = build_config({"diagnostics": False, **fixed, **params})  # trials are judged on validation only
     run = prepare(cfg, data)
     step = 0
     storage = trial.study._storage
@@ -200,11 +231,15 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
     space = search_space(cfg.method)
     owner = f"{socket.gethostname()}:{os.getpid()}"
     done = failures = 0
-    _fail_dead_trials(study)
+    counted = _counted_states()
     while failures <= trials:
-        counted = _counted_states()
-        if len(study.get_trials(deepcopy=False, states=counted)) >= trials:
+        _fail_dead_trials(study)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= trials:
             break
+        if (len(study.get_trials(deepcopy=False, states=counted)) >= trials
+                and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+            time.sleep(POLL_SECONDS)  # other workers run the last trials: wait for them or their lease
+            continue
         trial = study.ask()
         try:
             study._storage.set_trial_user_attr(trial._trial_id, "owner", owner)
@@ -218,7 +253,13 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
             break
         t0 = time.perf_counter()
         try:
-            value = run_trial(trial, fixed, data, space)
+            with _heartbeat(study._storage, trial._trial_id):
+                value = run_trial(trial, fixed, data, space)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: give the trial back, then stop
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", "interrupted")
+                study.tell(trial, state=TrialState.FAIL)
+            raise
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # failed by another worker that took this one as dead
         except optuna.TrialPruned as exc:
@@ -252,10 +293,22 @@ def _say(quiet: bool, msg: str) -> None:
 
 def _worker_main(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int,
                  sampler_seed: int | None, quiet: bool) -> None:
+    worker_init()  # dies with the parent; Ctrl-C is the parent's to handle
     import torch
 
     torch.set_num_threads(1)
-    work(storage_url, study_name, fixed, trials, sampler_seed, quiet)
+    signal.signal(signal.SIGTERM, _interrupt)  # the parent ending us: give the trial back first
+    try:
+        work(storage_url, study_name, fixed, trials, sampler_seed, quiet)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_for_running(study: Any, poll: float = 1.0) -> None:
@@ -295,10 +348,14 @@ def write_best(study: Any, path: Path, fixed: dict[str, Any], storage_url: str) 
 
 def tune_command(args: argparse.Namespace) -> int:
     """``tune``: one study per method named in --method (comma-separated), each with the same budget."""
+    from benchmark.config import MAX_SEED
+    from benchmark.files import check_parent
     from benchmark.runner import prepare
 
     if args.trials < 1 or args.jobs < 1:
         raise UsageError("--trials and --jobs must be >= 1")
+    if args.sampler_seed is not None and not 0 <= args.sampler_seed <= MAX_SEED - args.jobs:
+        raise UsageError(f"--sampler-seed must be in [0, {MAX_SEED - args.jobs}], got {args.sampler_seed}")
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
         raise UsageError("--method needs at least one method name")
@@ -311,11 +368,16 @@ def tune_command(args: argparse.Namespace) -> int:
         fixed.setdefault("probe", False)  # trials are judged on validation accuracy only
         prepare(build_config(fixed))  # every name and value checked before any study is touched
         fixed_by_method[method] = fixed
+    if not str(args.out).strip():
+        raise UsageError("--out is empty; give a folder for the best-parameter file")
     out = Path(args.out).expanduser()
-    if not out.exists():
-        if not out.resolve().parent.is_dir():
-            raise UsageError(f"--out parent {str(out.resolve().parent)!r} does not exist; create it")
+    check_parent(out, "--out")
+    if args.storage:  # a bad URL is refused before any folder is made
+        make_storage(args.storage)
+    try:
         out.mkdir(exist_ok=True)  # another worker may create it at the same moment
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {str(out)!r} ({exc.strerror}); choose another folder") from None
     if not os.access(out, os.W_OK):
         raise UsageError(f"--out {str(out)!r} is not writable; choose another folder")
     storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
@@ -338,10 +400,18 @@ def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], stor
                                                         None if args.sampler_seed is None else args.sampler_seed + i,
                                                         args.quiet))
                  for i in range(args.jobs)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join()
+        start_workers(procs)
+        try:
+            for proc in procs:
+                proc.join()
+        finally:  # Ctrl-C or an error here: the workers end with us (their trials are given back)
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join(timeout=10)
+        if any(proc.exitcode == 2 for proc in procs):
+            raise UsageError(f"the workers of study {name!r} stopped on an error (above)")
     _wait_for_running(study)  # so that every worker writes the same, final best parameters
     path = best_file(out, method, args.dataset)
     best = write_best(study, path, fixed, storage_url)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark.claims import process_alive, wait_claim  # noqa: F401  (process_alive: imported from here)
 from benchmark.config import config_hash
 from benchmark.data import MultimodalData, resolve_dataset_options
 from benchmark.device import amp_dtype, seeded
+from benchmark.errors import UsageError
+from benchmark.files import current_umask, os_error_line
 from benchmark.method import Batch, EvalOutput, Stage, StepContext, options_of
 from benchmark.registry import DATASETS
 
@@ -174,14 +175,14 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
         return model, dict(_facts(modality, result), reused=False, checkpoint=None)
     path = checkpoint_path(trainer.cache_dir, key)
     stale = None
-    lock = path.with_suffix(".lock")
     # Another process (a parallel sweep worker) may be training the same model: wait for its
-    # checkpoint rather than training it twice.
-    while not path.exists() and not _claim(lock):
-        time.sleep(0.2)
+    # checkpoint rather than training it twice. The claim cannot go stale (see benchmark.claims).
+    claim = None
+    if not path.exists():
+        claim = _claim_checkpoint(path, trainer.log)
     try:
         if path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = load_checkpoint(path)
             if saved.get("key") == key:
                 model.load_state_dict(saved["state"])
                 model.to(trainer.device)
@@ -193,12 +194,16 @@ def train_unimodal(trainer: Trainer, method: Method, modality: str) -> tuple[Uni
                 trainer.log(f"[unimodal:{modality}] {stale}")
         result = trainer.fit(stage)
         info = _facts(modality, result)
-        _save_atomic(path, {"key": key, "state": {k: v.cpu() for k, v in model.state_dict().items()},
-                            "info": info, "history": result.history})
+        try:
+            _save_atomic(path, {"key": key, "state": {k: v.cpu() for k, v in model.state_dict().items()},
+                                "info": info, "history": result.history})
+        except OSError as exc:  # a full cache disk costs the reuse, not the trained run
+            trainer.log(f"[unimodal:{modality}] warning: {os_error_line(exc, path)}; the model is not cached")
+            return model, dict(info, reused=False, checkpoint=None, retrained=stale)
         return model, dict(info, reused=False, checkpoint=str(path), retrained=stale)
     finally:
-        if lock.exists() and lock.read_text().strip() == _owner():
-            lock.unlink()
+        if claim is not None:
+            claim.release()
 
 
 def _facts(modality: str, result: Any) -> dict[str, Any]:
@@ -208,45 +213,39 @@ def _facts(modality: str, result: Any) -> dict[str, Any]:
                             "stopped_early": result.stopped_early, "still_improving": result.still_improving}}
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _claim(lock: Path) -> bool:
-    """Create ``lock`` exclusively; a lock left by a dead process on this host is taken over."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
+def _claim_checkpoint(path: Path, log: Any) -> Any:
+    """Hold the checkpoint's claim (waiting, and saying for whom, while another process trains
+    it); leftovers of writers that died are removed once it is held."""
+    lock = path.with_suffix(".lock")
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            host, pid = lock.read_text().strip().rsplit(":", 1)
-        except (OSError, ValueError):
-            return False  # being written right now
-        if host == socket.gethostname() and not process_alive(int(pid)):
-            lock.unlink(missing_ok=True)
-            return _claim(lock)
-        return False
-    with os.fdopen(fd, "w") as fh:
-        fh.write(_owner())
-    return True
+        claim = wait_claim(lock, log, f"unimodal checkpoint {path.name}")
+    except OSError as exc:
+        raise UsageError(f"cannot write to the unimodal cache {path.parent} ({exc.strerror}); "
+                         "set cache_dir to a writable folder") from None
+    for tmp in path.parent.glob(f".{path.stem}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return claim
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (a lock or claim left by a dead one is stale)."""
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A cached checkpoint; UsageError naming the file when it is unreadable (cut short, corrupt)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, OSError
+        raise UsageError(f"cached unimodal checkpoint {path} is unreadable ({type(exc).__name__}); "
+                         "delete it and the model is trained again") from None
+    if not isinstance(saved, dict) or not {"key", "state", "info"} <= set(saved):
+        raise UsageError(f"cached unimodal checkpoint {path} is not one written by this benchmark; "
+                         "delete it and the model is trained again")
+    return saved
 
 
 def _save_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # shared with colleagues, like the records
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from benchmark.config import build_config
 from benchmark.data import ModalitySpec
+from benchmark.data.specs import TokenSpec
 from benchmark.errors import UsageError
 from benchmark.models import create_encoder, create_fusion
 from benchmark.registry import METHODS, list_encoders, list_fusions, list_methods
@@ -55,17 +57,27 @@ SPECS = {
     "small_cnn": ModalitySpec("x", "image", (3, 8, 8), "small_cnn"),
     "resnet18_audio": ModalitySpec("x", "spectrogram", (1, 32, 24), "resnet18_audio"),
     "resnet18_visual": ModalitySpec("x", "frames", (2, 3, 32, 32), "resnet18_visual"),
+    "seq_transformer": ModalitySpec("x", "sequence", (6, 12), "seq_transformer"),
+    "text_transformer": TokenSpec("x", "tokens", (10,), "text_transformer", vocab_size=50),
+    "bert": TokenSpec("x", "tokens", (10,), "bert", features=16),  # its folder is written by the test
 }
 
 
 @pytest.mark.parametrize("name", list_encoders())
-def test_every_encoder_reports_its_feature_size(name: str) -> None:
+def test_every_encoder_reports_its_feature_size(name: str, tmp_path) -> None:
     spec = SPECS.get(name)
     assert spec is not None, f"add an input spec for new encoder {name} to this test"
+    if name == "bert":
+        from test_data_paper_sets import tiny_bert
+
+        spec = dataclasses.replace(spec, pretrained=str(tiny_bert(tmp_path / "bert")))
     encoder = create_encoder(name, spec).eval()
+    vocab = getattr(spec, "vocab_size", 0) or (30 if name == "bert" else 0)
+    x = torch.randint(0, vocab, (3, *spec.shape)) if vocab else torch.randn(3, *spec.shape)
     with torch.no_grad():
-        feats = encoder(torch.randn(3, *spec.shape))
+        feats = encoder(x)
     assert feats.shape == (3, encoder.out_dim)
+    assert torch.isfinite(feats).all()
 
 
 def test_visual_resnet_pools_over_frames() -> None:

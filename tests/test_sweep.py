@@ -95,13 +95,11 @@ def test_grid_expansion_filters_and_keys(tmp_path):
     assert {r.seed for r in smoke.runs} == {0} and not {r.key for r in smoke.runs} & {r.key for r in plan.runs}
 
 
-def test_unregistered_method_is_left_out_unless_a_filter_names_it(tmp_path):
-    spec = load_sweep(str(write_sweep(tmp_path, GRID + "[methods.not_yet_written]\n")))
-    plan = plan_sweep(spec, Store(tmp_path / "s"))
-    assert any("not_yet_written" in note for note in plan.notes)
-    assert "not_yet_written" not in {r.method for r in plan.runs}
-    with pytest.raises(UsageError, match="unknown method 'not_yet_written'"):
-        plan_sweep(spec, Store(tmp_path / "s"), Filters(methods=["not_yet_written"]))
+def test_unregistered_method_in_a_sweep_file_is_refused_like_on_the_command_line(tmp_path):
+    spec = load_sweep(str(write_sweep(tmp_path, GRID + "[methods.jiont]\n")))
+    with pytest.raises(UsageError, match=r"\[methods.jiont\]: unknown method 'jiont'; known methods: "):
+        plan_sweep(spec, Store(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
 
 
 # --- bad input: one line, exit 2, nothing touched --------------------------------------------------
@@ -289,3 +287,41 @@ def test_progress_counts_sibling_and_foreign_finishes():
     assert progress.eta() == pytest.approx(4.0 / 2)  # one run left at 4 s, two workers
     progress.update({"event": "skip", "key": "k2"})  # another sweep process finished k2
     assert (progress.to_run, progress.remaining) == (2, 0)
+
+
+# --- worker placement -------------------------------------------------------------------------------
+def test_visible_gpus_follow_cuda_visible_devices():
+    from benchmark.sweep import visible_gpus
+
+    assert visible_gpus(2, {"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    assert visible_gpus(3, {}) == ["0", "1", "2"]
+    assert visible_gpus(1, {"CUDA_VISIBLE_DEVICES": "7, 2"}) == ["7"]
+
+
+def test_several_runs_share_each_gpu_spread_over_gpus_first():
+    from benchmark.sweep import place_workers, visible_gpus
+
+    gpus = visible_gpus(2, {"CUDA_VISIBLE_DEVICES": "3,5"})
+    p = place_workers(gpus, cores=16, runs_per_gpu=3)
+    assert p.devices == ["cuda:0", "cuda:1"] * 3
+    assert p.labels[:2] == ["cuda:0 (GPU 3)", "cuda:1 (GPU 5)"]
+    assert p.threads == 16 // 6
+    fewer = place_workers(gpus, cores=16, jobs=3, runs_per_gpu=3)
+    assert fewer.devices == ["cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_cpu_workers_never_oversubscribe_cores():
+    from benchmark.errors import UsageError
+    from benchmark.sweep import place_workers
+
+    assert place_workers([], cores=8).devices == [""] * 8
+    p = place_workers([], cores=8, threads_per_run=2)
+    assert (p.jobs, p.threads) == (4, 2)
+    p = place_workers([], cores=8, jobs=2)
+    assert (p.jobs, p.threads) == (2, 4)
+    with pytest.raises(UsageError, match="threads on 8 CPU cores"):
+        place_workers([], cores=8, jobs=4, threads_per_run=4)
+    with pytest.raises(UsageError, match="needs a GPU"):
+        place_workers([], cores=8, runs_per_gpu=2)
+    with pytest.raises(UsageError, match="--threads-per-run must be >= 1"):
+        place_workers([], cores=8, threads_per_run=0)

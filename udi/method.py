@@ -359,3 +359,20 @@ class UDI(Method):
             logits[m], feats[m] = self.model.units[m](batch[m])
         fused = fuse([logits[m] for m in self.modalities], self.options.fusion_rule)
         return EvalOutput(fused, logits, feats)
+
+    absent_rule = "head"
+
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        return self.model.units[modality](batch[modality])[0]
+
+    def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fuse(list(logits.values()), self.options.fusion_rule)
+
+    def training_readouts(self, stage: Stage, batch: Batch) -> dict[str, torch.Tensor] | None:
+        """A follower's stage: the anchor's, the trained followers' and this follower's logits."""
+        if not stage.name.startswith("udi:follower:"):
+            return None
+        current = stage.modalities[0]
+        units = {m: self.model.units[m] for m in [self.anchor, *self.trained_followers] if m != current}
+        units[current] = stage.module
+        return {m: unit(batch[m])[0] for m, unit in units.items()}

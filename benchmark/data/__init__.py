@@ -26,4 +26,15 @@ __all__ = [
 ]
 
 # registers the digit datasets built offline and the readers of the paper datasets on disk
-from benchmark.data import av_digits, ave, cg_digits, cgmnist, crema_d, kinetics_sounds, ucf101  # noqa: E402,F401
+from benchmark.data import (  # noqa: E402,F401
+    av_digits,
+    ave,
+    cg_digits,
+    cgmnist,
+    crema_d,
+    food101,
+    fsdd,
+    kinetics_sounds,
+    mosei,
+    ucf101,
+)

@@ -12,11 +12,17 @@ Clips are resampled from 22,050 Hz to 16 kHz, cut to 1 s, and turned into log-me
 Any voice may appear in any split; the splits are carved from the 1,797 images, seeded and
 stratified, and listed in the manifest with every clip's voice parameters and SNR. The whole set
 is generated once per recipe into the dataset cache and read back (hash-checked) afterwards.
+
+With ``audio_source=fsdd`` the words are real recordings of the Free Spoken Digit Dataset
+instead (see :mod:`benchmark.data.fsdd`): its speakers are dealt to train / val / test (seeded,
+disjoint), and each image gets a random recording of its digit by a speaker of its split, placed,
+scaled and noised as the synthesized words are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,12 +40,17 @@ from benchmark.data.cg_digits import (
     sklearn_digits,
     splits_from_cache,
 )
+from benchmark.data.fsdd import LAYOUT as FSDD_LAYOUT
+from benchmark.data.fsdd import fsdd_root, pair_recordings, recordings
+from benchmark.data.media import read_wav
+from benchmark.data.ondisk import check_sources, fingerprint, require
 from benchmark.data.speech import LANGUAGES, SAMPLE_RATE, VARIANTS, synthesize, synthesize_many, voice_name
 from benchmark.errors import UsageError
 from benchmark.registry import register_dataset
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TARGET_RATE = 16000
+AUDIO_SOURCES = ("espeak", "fsdd")
 
 
 @dataclass
@@ -52,8 +63,14 @@ class AVDigitsOptions:
     val_fraction: float = opt(0.1, "fraction of each class carved out as the validation split")
     seed: int = opt(0, "seed of the splits, voices, noise and pairing (the data, not the run)")
     cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    audio_source: str = opt("espeak", "espeak (words synthesized by eSpeak NG, offline) or fsdd (real "
+                                      "recordings of the Free Spoken Digit Dataset)")
+    fsdd_root: str = opt("", f"audio_source=fsdd: the FSDD folder ({FSDD_LAYOUT}); default $BMB_DATA_ROOT/FSDD")
 
     def validate(self) -> None:
+        if self.audio_source not in AUDIO_SOURCES:
+            raise UsageError(f"dataset.audio_source must be one of {', '.join(AUDIO_SOURCES)}, got "
+                             f"{self.audio_source!r}")
         if self.image_noise < 0 or self.snr_spread < 0:
             raise UsageError(f"dataset.image_noise and dataset.snr_spread must be >= 0, got "
                              f"{self.image_noise} and {self.snr_spread}")
@@ -131,23 +148,55 @@ def resample_to_16k(waves: np.ndarray) -> torch.Tensor:
 @register_dataset("av-digits")
 class AVDigits(DatasetBuilder):
     Options = AVDigitsOptions
-    summary = "digit images + digit words spoken by eSpeak NG (AV-MNIST style; built offline)"
+    summary = "digit images + digit words spoken by eSpeak NG (AV-MNIST style; built offline), or from FSDD"
     VERSION = 3
 
+    def fsdd_root(self) -> Path:
+        return fsdd_root(self.options.fsdd_root, "dataset.fsdd_root", "av-digits with dataset.audio_source=fsdd")
+
     def cache(self) -> DatasetCache:
-        return DatasetCache("av-digits", recipe_of(self.options, self.VERSION), self.options.cache_dir)
+        recipe = recipe_of(self.options, self.VERSION)
+        del recipe["audio_source"], recipe["fsdd_root"]  # eSpeak NG sets keep their keys
+        if self.options.audio_source == "fsdd":
+            recipe.update(audio_source="fsdd", fsdd_root=str(self.fsdd_root()))
+        return DatasetCache("av-digits", recipe, self.options.cache_dir)
+
+    def fsdd_clips(self, labels: np.ndarray, index: dict[str, np.ndarray],
+                   rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+        """Per sample in split order, a 1 s clip at 22,050 Hz of an FSDD recording of its digit."""
+        o, root = self.options, self.fsdd_root()
+        chosen, speakers = pair_recordings(recordings(root), {s: labels[index[s]] for s in SPLITS},
+                                           o.test_fraction, o.val_fraction, rng, root)
+        waves: dict[Path, np.ndarray] = {}
+        clips, voices = [], []
+        for split in SPLITS:
+            for rec in chosen[split]:
+                if rec.path not in waves:
+                    waves[rec.path] = read_wav(require(rec.path, str(root / "recordings")), SAMPLE_RATE)
+                gain = float(rng.uniform(-6.0, 0.0))
+                snr = float(rng.uniform(o.audio_snr - o.snr_spread, o.audio_snr + o.snr_spread))
+                clips.append(place_clip(waves[rec.path], {"gain_db": gain}, snr, rng))
+                voices.append({"file": rec.path.name, "speaker": rec.speaker, "gain_db": round(gain, 3),
+                               "snr_db": round(snr, 3)})
+        extra = {"speakers": speakers, "sources": fingerprint(root, set(waves)),
+                 "source": f"sklearn.datasets.load_digits + FSDD recordings ({root})"}
+        return np.stack(clips), voices, extra
 
     def _fill(self, writer: CacheWriter) -> dict[str, Any]:
         o = self.options
         images, labels = sklearn_digits()
         index = carve_splits(labels, o.test_fraction, o.val_fraction, o.seed)
         rng = np.random.default_rng([o.seed, 3])
-        order = np.concatenate([index[s] for s in SPLITS])
-        params = [clip_parameters(rng) for _ in order]
-        snrs = rng.uniform(o.audio_snr - o.snr_spread, o.audio_snr + o.snr_spread, len(order))
-        words = synthesize_many([request(WORDS[labels[i]], p) for i, p in zip(order, params)])
-        clips = np.stack([place_clip(w, p, float(snr), rng) for w, p, snr in zip(words, params, snrs)])
-        voices = [{**p, "snr_db": round(float(snr), 3)} for p, snr in zip(params, snrs)]
+        extra = {"source": "sklearn.datasets.load_digits + eSpeak NG (espeakng-loader)"}
+        if o.audio_source == "fsdd":
+            clips, voices, extra = self.fsdd_clips(labels, index, rng)
+        else:
+            order = np.concatenate([index[s] for s in SPLITS])
+            params = [clip_parameters(rng) for _ in order]
+            snrs = rng.uniform(o.audio_snr - o.snr_spread, o.audio_snr + o.snr_spread, len(order))
+            words = synthesize_many([request(WORDS[labels[i]], p) for i, p in zip(order, params)])
+            clips = np.stack([place_clip(w, p, float(snr), rng) for w, p, snr in zip(words, params, snrs)])
+            voices = [{**p, "snr_db": round(float(snr), 3)} for p, snr in zip(params, snrs)]
         spec = log_mel(resample_to_16k(clips), o.n_mels)
         n_train = len(index["train"])
         mean, std = spec[:n_train].mean(), spec[:n_train].std()
@@ -171,12 +220,16 @@ class AVDigits(DatasetBuilder):
             "splits": {k: v.tolist() for k, v in index.items()},
             "clips": clip_params,
             "normalisation": {"mean": float(mean), "std": float(std)},
-            "source": "sklearn.datasets.load_digits + eSpeak NG (espeakng-loader)",
+            **extra,
         }
 
     def load(self) -> MultimodalData:
         cache = self.cache()
         manifest = cache.read_manifest() if cache.exists() else cache.build(self._fill)
+        if "sources" in manifest:  # FSDD recordings: refuse a cache whose sources changed since
+            root = self.fsdd_root()
+            check_sources(root, manifest["sources"], cache.dir, "av-digits", "python -m benchmark data prepare "
+                          f"av-digits --set audio_source=fsdd --set fsdd_root={root}")
         n_frames = TARGET_RATE // 160 + 1
         info = DataInfo(
             name="av-digits",

@@ -16,7 +16,7 @@ class ModalitySpec:
     """One input modality: its name, kind, per-sample tensor shape and default encoder."""
 
     name: str
-    kind: str  # "vector", "image", "spectrogram" or "frames"
+    kind: str  # "vector", "image", "spectrogram", "frames", "sequence" (T×D features) or "tokens" (ids)
     shape: tuple[int, ...]
     encoder: str
 

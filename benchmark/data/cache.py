@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmark.claims import sweep_leftovers, wait_claim
 from benchmark.errors import UsageError
+from benchmark.files import check_parent, check_writable_dir, current_umask, os_error_line
 
 CACHE_ENV = "BMB_CACHE_DIR"
 DATA_ENV = "BMB_DATA_ROOT"
@@ -69,6 +71,12 @@ def content_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _say(message: str) -> None:
+    import sys
+
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 class CacheWriter:
     """Collects the files of one cache folder being built in a temporary sibling folder."""
 
@@ -97,6 +105,7 @@ class DatasetCache:
         self.dataset = dataset
         self.recipe = {"format": FORMAT_VERSION, **recipe}
         self.key = recipe_key(self.recipe)
+        self.root_option = root_option
         self.dir = cache_root(root_option) / dataset / self.key
         self.how_to_rebuild = how_to_rebuild or "it is rebuilt on the next load"
 
@@ -105,15 +114,47 @@ class DatasetCache:
 
     def build(self, fill: Callable[[CacheWriter], dict[str, Any]]) -> dict[str, Any]:
         """Run ``fill(writer)`` (which saves arrays and returns classes/splits/extra manifest
-        entries) in a temporary folder, hash it, write the manifest and rename it into place."""
+        entries) in a temporary folder, hash it, write the manifest and rename it into place.
+
+        One process builds a recipe at a time (a claim on ``.<key>.lock``; another waits, then
+        reads its result); temporary folders left by killed builds are removed first."""
+        parent = self._writable_parent()
+        try:
+            claim = wait_claim(parent / f".{self.key}.lock", _say, f"the {self.dataset} cache being built")
+        except OSError as exc:
+            raise UsageError(f"cannot write in the cache folder {parent} ({exc.strerror}); set {CACHE_ENV} or "
+                             "dataset.cache_dir to a writable folder") from None
+        assert claim is not None
+        with claim:
+            if self.exists():  # built by the process we waited for
+                return self.read_manifest()
+            for old in parent.glob(f".{self.key}.*.tmp"):  # ours to remove: we hold the claim
+                shutil.rmtree(old, ignore_errors=True)
+            sweep_leftovers(parent.glob(".*.*.tmp"), lambda p: parent / f".{p.name.split('.')[1]}.lock"
+                            if p.name.split(".")[1] != self.key else None)
+            return self._build(parent, fill)
+
+    def _writable_parent(self) -> Path:
+        """``<cache>/<dataset>``, created and test-written; a given cache_dir must already have its parent."""
+        root = self.dir.parent.parent
+        if self.root_option:
+            check_parent(root, "dataset.cache_dir")
         parent = self.dir.parent
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            parent.mkdir(parents=True, exist_ok=True)  # a given cache_dir's parent exists (checked above)
         except OSError as exc:
             raise UsageError(f"cannot create the cache folder {parent} ({exc.strerror}); "
                              f"set {CACHE_ENV} or dataset.cache_dir to a writable folder") from None
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.key}.", suffix=".tmp"))
+        check_writable_dir(parent, "dataset.cache_dir")
+        return parent
+
+    def _build(self, parent: Path, fill: Callable[[CacheWriter], dict[str, Any]]) -> dict[str, Any]:
         try:
+            tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.key}.", suffix=".tmp"))
+        except OSError as exc:
+            raise UsageError(os_error_line(exc, parent)) from None
+        try:
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; colleagues share caches
             writer = CacheWriter(tmp)
             entries = fill(writer)
             manifest = {"dataset": self.dataset, "key": self.key, "recipe": self.recipe, **entries,
@@ -123,13 +164,11 @@ class DatasetCache:
                 json.dump(manifest, fh, indent=1, sort_keys=True, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-            try:
-                os.rename(tmp, self.dir)
-            except OSError:
-                if (self.dir / MANIFEST).is_file():  # a concurrent build of the same recipe finished first
-                    return self.read_manifest()
-                shutil.rmtree(self.dir, ignore_errors=True)  # a stale folder without a manifest
-                os.rename(tmp, self.dir)
+            if self.dir.exists():  # a stale folder without a manifest
+                shutil.rmtree(self.dir, ignore_errors=True)
+            os.rename(tmp, self.dir)
+        except OSError as exc:  # a full disk while writing: one line, and the partial folder goes
+            raise UsageError(os_error_line(exc, tmp)) from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

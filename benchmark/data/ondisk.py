@@ -77,10 +77,12 @@ def fingerprint(root: Path, paths: set[Path]) -> dict[str, list[int]]:
     return out
 
 
-def check_sources(root: Path, sources: dict[str, list[int]], cache_dir: Path, name: str) -> None:
+def check_sources(root: Path, sources: dict[str, list[int]], cache_dir: Path, name: str,
+                  command: str = "") -> None:
     """A prepared cache is only as good as its sources: a source file removed or changed since
     ``prepare`` is refused (it is checked by size and modification time, not re-read)."""
-    fix = f"delete {cache_dir} and run `python -m benchmark data prepare {name} --root {root}` again"
+    command = command or f"python -m benchmark data prepare {name} --root {root}"
+    fix = f"delete {cache_dir} and run `{command}` again"
     for rel, (size, mtime) in sources.items():
         path = root / rel
         try:
@@ -132,6 +134,11 @@ class OnDiskDataset(DatasetBuilder):
     def decode(self, root: Path, item: Item) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def before_decode(self, root: Path, index: dict[str, list[Item]], writer: CacheWriter) -> dict[str, Any]:
+        """Called once the splits are final, before any item is decoded (e.g. to build a vocabulary
+        from the train split); returns extra manifest entries."""
+        return {}
+
     def modality_specs(self) -> list[ModalitySpec]:
         raise NotImplementedError
 
@@ -178,6 +185,7 @@ class OnDiskDataset(DatasetBuilder):
             keep, val = stratified_split(labels, self.options.val_fraction, self.options.seed)
             train = index["train"]
             index["train"], index["val"] = [train[i] for i in keep], [train[i] for i in val]
+        extra = self.before_decode(root, index, writer)
         storage = self.storage()
         used = {Path(it.listed_in) for items in index.values() for it in items}
         for split in ("train", "val", "test"):
@@ -199,6 +207,7 @@ class OnDiskDataset(DatasetBuilder):
             "splits": {s: [it.name for it in index[s]] for s in ("train", "val", "test")},
             "val_carved_from_train": carved,
             "sources": fingerprint(root, used),
+            **extra,
         }
 
     def ensure_cache(self) -> tuple[DatasetCache, dict[str, Any], bool]:

@@ -78,6 +78,10 @@ class SyntheticOptions:
         for name in ("n_train", "n_val", "n_test", "dim", "latent_dim"):
             if getattr(self, name) < 1:
                 raise UsageError(f"dataset.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("noise", "clutter"):  # standard deviations
+            values = _floats(getattr(self, name), name, self.modalities) or []
+            if any(not 0 <= v < float("inf") for v in values):
+                raise UsageError(f"dataset.{name} values must be finite and >= 0, got {getattr(self, name)!r}")
 
     def per_modality(self) -> list[dict[str, float]]:
         base = PRESETS[self.preset]

@@ -80,6 +80,26 @@ def _resnet18_trunk(in_channels: int) -> nn.Module:
     return net
 
 
+def load_resnet_weights(net: nn.Module, path: str) -> None:
+    """Load a torchvision ResNet18 ``state_dict`` (its ``fc`` entries ignored) from a local file."""
+    fix = "give a torchvision resnet18 state_dict saved with torch.save, or leave the weights option empty"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a missing, unreadable or non-PyTorch file, or one that holds more than tensors
+        raise UsageError(f"cannot load ResNet18 weights from {path} (torch.load(weights_only=True) cannot "
+                         f"read it); {fix}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UsageError(f"cannot load ResNet18 weights from {path} (it holds no state_dict); {fix}")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # missing or unexpected keys, other shapes
+        reason = " ".join(str(exc).split())[:160]
+        raise UsageError(f"cannot load ResNet18 weights from {path} ({reason}); {fix}") from None
+
+
 class ResNet18Audio(nn.Module):
     """ResNet18 on a spectrogram (C×F×T, C = 1 for the usual log-magnitude input)."""
 
@@ -105,6 +125,8 @@ class ResNet18Visual(nn.Module):
             raise UsageError(f"resnet18_visual needs frames T×C×H×W or an image C×H×W, got {spec.shape}")
         in_channels = spec.shape[-3]
         self.net = _resnet18_trunk(in_channels)
+        if getattr(spec, "weights", ""):  # a dataset that names local pretrained weights (WeightsSpec)
+            load_resnet_weights(self.net, spec.weights)
         self.out_dim = 512
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +143,21 @@ register_encoder("resnet18_audio")(ResNet18Audio)
 register_encoder("resnet18_visual")(ResNet18Visual)
 
 
+# Per-sample input ranks each convolutional encoder accepts (mlp flattens anything).
+INPUT_RANKS = {"small_cnn": (2, 3), "resnet18_audio": (2, 3), "resnet18_visual": (3, 4)}
+
+
+def check_encoder(name: str, spec: ModalitySpec) -> None:
+    """Refuse an encoder that cannot read the modality's samples (small_cnn on vectors, say)."""
+    ranks = INPUT_RANKS.get(name)
+    if ranks is not None and len(spec.shape) not in ranks:
+        raise UsageError(f"encoder {name} cannot read modality {spec.name!r} ({spec.kind} of shape "
+                         f"{tuple(spec.shape)}; it needs {' or '.join(f'{r}-D' for r in ranks)} samples); "
+                         f"choose another with --set encoder.{spec.name}=<name>, e.g. mlp")
+
+
 def create_encoder(name: str, spec: ModalitySpec) -> nn.Module:
+    check_encoder(name, spec)
     encoder = ENCODERS.get(name)(spec)
     if not isinstance(getattr(encoder, "out_dim", None), int):
         raise TypeError(f"encoder {name} does not expose an integer out_dim")
