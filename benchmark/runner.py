@@ -167,7 +167,8 @@ def convergence(trainer: Trainer, facts: dict[str, Any]) -> dict[str, Any]:
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             if node.get("reused") is True and isinstance(node.get("convergence"), dict):
-                out.setdefault(f"unimodal:{node.get('modality')}", dict(node["convergence"], reused=True))
+                out.setdefault(f"unimodal:{node.get('modality')}",
+                               dict(node["convergence"], epochs_run=node.get("epochs_run"), reused=True))
             for value in node.values():
                 walk(value)
 
