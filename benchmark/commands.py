@@ -89,8 +89,16 @@ def _assignments(values: list[str], flag: str) -> dict[str, str]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from benchmark.store import Store
-    from benchmark.sweep import (Filters, Smoke, _split_list, default_placement, load_sweep, load_tuned,
-                                 plan_sweep, run_plan)
+    from benchmark.sweep import (
+        Filters,
+        Smoke,
+        _split_list,
+        default_placement,
+        load_sweep,
+        load_tuned,
+        plan_sweep,
+        run_plan,
+    )
 
     spec = load_sweep(args.name)
     filters = Filters(_split_list(args.dataset), _split_list(args.method), _ints(args.seed, "--seed"),

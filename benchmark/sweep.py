@@ -27,6 +27,7 @@ rest), which lets the methods that need them (UDI's anchor phase, MCR) reuse the
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import json
@@ -728,7 +729,13 @@ def default_placement(jobs: int | None = None, runs_per_gpu: int = 1,
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return place_workers(visible_gpus(count), os.cpu_count() or 1, jobs, runs_per_gpu, threads_per_run)
+    if threads_per_run is None:  # OMP_NUM_THREADS, when set, is the user's threads per process
+        with contextlib.suppress(ValueError):
+            threads_per_run = int(os.environ.get("OMP_NUM_THREADS", "")) or None
+    cores = os.cpu_count() or 1
+    if threads_per_run is not None and jobs is None:
+        threads_per_run = min(threads_per_run, cores)
+    return place_workers(visible_gpus(count), cores, jobs, runs_per_gpu, threads_per_run)
 
 
 def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bool = False,
