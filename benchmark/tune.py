@@ -23,8 +23,8 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,10 +81,34 @@ def search_space(method: str) -> Space:
 
 
 # --- storage and study -----------------------------------------------------------------------------
-def make_storage(url: str) -> Any:
+MAX_RETRY = 3  # a trial whose worker died is run again at most this often
+
+
+def _retry_class() -> tuple[Any, str]:
+    """Optuna's retry of stale trials and the storage argument that takes it (renamed in Optuna 4.9)."""
     import optuna
 
-    kwargs: dict[str, Any] = {}
+    # Heartbeats and their retry are marked experimental by Optuna; the suite relies on them knowingly.
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        return optuna.storages.RetryHeartbeatStaleTrialCallback, "heartbeat_stale_trial_callback"
+    return optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
+
+
+def retry_callback() -> Any:
+    return _retry_class()[0](max_retry=MAX_RETRY)
+
+
+def make_storage(url: str) -> Any:
+    """An Optuna RDB storage with heartbeats: a running trial whose worker stops beating for the
+    lease is failed by the next worker that starts a trial, and queued again with its parameters
+    (Optuna's RetryFailedTrialCallback)."""
+    import optuna
+
+    retry, argument = _retry_class()
+    kwargs: dict[str, Any] = {"heartbeat_interval": max(1, int(LEASE_SECONDS / 4)),
+                              "grace_period": max(2, int(LEASE_SECONDS)),
+                              argument: retry(max_retry=MAX_RETRY)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     for attempt in range(6):
@@ -122,7 +146,7 @@ def _creation_lock(url: str) -> Iterator[None]:
 def open_study(storage_url: str, name: str, fixed: dict[str, Any], sampler_seed: int | None) -> Any:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported in our own words
     with _creation_lock(storage_url):  # workers starting together create the file and study once
         study = optuna.create_study(
             storage=make_storage(storage_url), study_name=name, direction="maximize", load_if_exists=True,
@@ -144,48 +168,35 @@ def _counted_states() -> tuple[Any, ...]:
 
 
 def _fail_dead_trials(study: Any) -> int:
-    """Fail the running trials whose worker is gone (a dead pid on this host, or a lease not renewed
-    for LEASE_SECONDS) and queue each again with its parameters; returns how many."""
+    """Fail the running trials that no worker will finish and queue each again with its parameters
+    (the same retry as Optuna's heartbeat check, which covers owners on other hosts): an owner on this
+    host that is gone is seen at once; a trial that never had an owner (left by a process killed
+    between asking for it and starting it) once the lease has passed. Returns how many."""
     from optuna.trial import TrialState
 
     host, now, failed = socket.gethostname(), time.time(), 0
+    retry = retry_callback()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(t.user_attrs.get("owner", ""))
         started = t.datetime_start.timestamp() if t.datetime_start else now
-        beat = float(t.user_attrs.get("heartbeat", started))
         o_host, _, pid = owner.rpartition(":")
-        dead = (o_host == host and pid.isdigit() and not process_alive(int(pid))) or now - beat > LEASE_SECONDS
-        if not dead:
+        gone = o_host == host and pid.isdigit() and not process_alive(int(pid))
+        if not (gone or (not owner and now - started > LEASE_SECONDS)):
             continue
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {owner or '(none)'} gone")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         except Exception:  # another worker did it first
             continue
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-        failed += 1
+        frozen = next(f for f in study.get_trials(deepcopy=False) if f.number == t.number)
+        if frozen.state == TrialState.FAIL:
+            retry(study, frozen)
+            failed += 1
     return failed
 
 
-@contextlib.contextmanager
-def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
-    """Renew the trial's lease from a thread while it trains (an epoch may outlast the lease)."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(LEASE_SECONDS / 4):
-            try:
-                storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
-            except Exception:  # finished (or failed by another worker): nothing left to renew
-                return
-
-    thread = threading.Thread(target=beat, daemon=True, name="trial-heartbeat")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+def retried_from(trial: Any) -> int | None:
+    """The number of the trial that ``trial`` runs again, if it is a retry."""
+    return _retry_class()[0].retried_trial_number(trial)
 
 
 # --- the objective ---------------------------------------------------------------------------------
@@ -200,11 +211,9 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
     cfg = build_config({"diagnostics": False, **fixed, **params})  # trials are judged on validation only
     run = prepare(cfg, data)
     step = 0
-    storage = trial.study._storage
 
     def on_epoch_end(row: dict[str, Any]) -> None:
         nonlocal step
-        storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
         value = row.get("val_accuracy")
         if isinstance(value, float) and math.isfinite(value):
             trial.report(value, step)
@@ -216,10 +225,15 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
     return float(record["metrics"]["val_accuracy"])
 
 
+class SurplusTrial(Exception):
+    """A trial asked for after the budget was taken by other workers: failed, never counted."""
+
+
 def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, sampler_seed: int | None,
          quiet: bool = False) -> int:
     """Run trials until the study has ``trials`` completed or pruned ones; returns how many this
-    process finished."""
+    process finished. Trials run through ``study.optimize`` (Optuna's heartbeat and retry of dead
+    workers' trials); the budget is exact: a trial asked for once the budget is taken is given back."""
     import optuna
     from optuna.trial import TrialState
 
@@ -230,9 +244,41 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
     data = create_dataset(cfg.dataset, cfg.dataset_options)
     space = search_space(cfg.method)
     owner = f"{socket.gethostname()}:{os.getpid()}"
-    done = failures = 0
     counted = _counted_states()
-    while failures <= trials:
+    tally = {"done": 0, "failures": 0}
+
+    def objective(trial: Any) -> float:
+        trial.set_user_attr("owner", owner)
+        ahead = [t for t in study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
+        if len(ahead) >= trials:  # another worker took the last trial first
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise SurplusTrial(f"the budget of {trials} trials is taken")
+        try:
+            return run_trial(trial, fixed, data, space)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a refused value, a diverged run or a bug: recorded, the study goes on
+            trial.set_user_attr("error", str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}")
+            raise
+
+    def after(study: Any, trial: Any) -> None:
+        seconds = (trial.duration.total_seconds() if trial.duration else 0.0)
+        if trial.state == TrialState.COMPLETE:
+            tally["done"] += 1
+            _say(quiet, f"trial {trial.number}: validation accuracy {trial.value:.4f} {trial.params} "
+                        f"{seconds:.1f}s")
+        elif trial.state == TrialState.PRUNED:
+            tally["done"] += 1
+            _say(quiet, f"trial {trial.number} pruned {seconds:.1f}s")
+        elif trial.state == TrialState.FAIL and not trial.user_attrs.get("surplus"):
+            tally["failures"] += 1
+            _say(quiet, f"trial {trial.number} failed: {trial.user_attrs.get('error', '')}")
+            if tally["failures"] > trials:
+                study.stop()
+
+    budget = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    while tally["failures"] <= trials:
         _fail_dead_trials(study)
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= trials:
             break
@@ -240,50 +286,8 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
                 and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
             time.sleep(POLL_SECONDS)  # other workers run the last trials: wait for them or their lease
             continue
-        trial = study.ask()
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "owner", owner)
-            study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # taken as dead by another worker: ask again
-        ahead = [t for t in study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
-        if len(ahead) >= trials:  # another worker took the last trial first: give this number back
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        t0 = time.perf_counter()
-        try:
-            with _heartbeat(study._storage, trial._trial_id):
-                value = run_trial(trial, fixed, data, space)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: give the trial back, then stop
-            with contextlib.suppress(Exception):
-                trial.set_user_attr("error", "interrupted")
-                study.tell(trial, state=TrialState.FAIL)
-            raise
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # failed by another worker that took this one as dead
-        except optuna.TrialPruned as exc:
-            study.tell(trial, state=TrialState.PRUNED)
-            done += 1
-            _say(quiet, f"trial {trial.number} pruned ({exc}) {time.perf_counter() - t0:.1f}s")
-            continue
-        except UsageError as exc:  # a suggested value the method refuses
-            trial.set_user_attr("error", str(exc))
-            study.tell(trial, state=TrialState.FAIL)
-            failures += 1
-            _say(quiet, f"trial {trial.number} failed: {exc}")
-            continue
-        except Exception as exc:  # diverged (non-finite loss) or a bug: recorded, the study goes on
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-            study.tell(trial, state=TrialState.FAIL)
-            failures += 1
-            _say(quiet, f"trial {trial.number} failed: {type(exc).__name__}: {exc}")
-            continue
-        study.tell(trial, value)
-        done += 1
-        _say(quiet, f"trial {trial.number}: validation accuracy {value:.4f} {trial.params} "
-                    f"{time.perf_counter() - t0:.1f}s")
-    return done
+        study.optimize(objective, callbacks=[budget, after], catch=(Exception,), gc_after_trial=False)
+    return tally["done"]
 
 
 def _say(quiet: bool, msg: str) -> None:

@@ -491,7 +491,7 @@ def test_orphan_running_trial_is_failed_and_retried(tmp_path, monkeypatch):
     study = optuna.load_study(study_name="s", storage=url)
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == orphan.number]
+    retry = [t for t in trials if tune.retried_from(t) == orphan.number]
     assert len(retry) == 1 and retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retry[0].params == trials[orphan.number].params
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2  # not one short

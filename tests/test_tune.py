@@ -102,3 +102,23 @@ def test_tune_bad_input(tmp_path, capsys):
     # the same study resumed with other fixed settings is refused
     assert main(["tune", "--method", "joint", "--trials", "2", "--out", str(out), "--quiet", *TINY[:-1], "3"]) == 2
     assert "other fixed settings" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(400)
+def test_a_worker_killed_mid_trial_is_failed_and_retried_by_the_next(tmp_path):
+    """The scenario `nox -s cluster` runs on PostgreSQL, here on SQLite."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import cluster
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    message = cluster.killed_worker_is_retried(f"sqlite:///{tmp_path / 'k.db'}", tmp_path)
+    assert "retried as" in message
+
+
+def test_no_private_optuna_attribute_is_used():
+    offenders = [f"{path.relative_to(ROOT)}:{i}" for folder in ("benchmark", "baselines", "udi", "tools")
+                 for path in (ROOT / folder).rglob("*.py")
+                 for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if "._storage" in line or "._trial_id" in line]
+    assert not offenders, offenders
