@@ -267,10 +267,10 @@ def _label(method: str, options: dict[str, Any], template: str, where: str) -> s
     return method + " " + " ".join(f"{k}={v}" for k, v in short.items())
 
 
-def load_tuned(paths: Iterable[str]) -> dict[tuple[str, str], tuple[dict[str, Any], str]]:
+def load_tuned(paths: Iterable[str]) -> dict[tuple[str, str], tuple[dict[str, Any], str, dict[str, Any]]]:
     """Best-parameter files written by ``tune`` (files or folders of them):
-    (method, dataset) → (assignments, file)."""
-    out: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+    (method, dataset) → (assignments, file, the study's fixed settings)."""
+    out: dict[tuple[str, str], tuple[dict[str, Any], str, dict[str, Any]]] = {}
     for given in paths:
         path = Path(given).expanduser()
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
@@ -282,11 +282,23 @@ def load_tuned(paths: Iterable[str]) -> dict[tuple[str, str], tuple[dict[str, An
                 data = json.loads(file.read_text())
                 key = (str(data["method"]), str(data["dataset"]))
                 params = dict(data["params"])
+                fixed = dict(data.get("fixed") or {})
             except (OSError, ValueError, KeyError, TypeError):
                 raise UsageError(f"tuned parameters {str(file)!r} are not a file written by "
                                  "`python -m benchmark tune`; re-run tune or remove the file") from None
-            out[key] = (params, str(file))
+            out[key] = (params, str(file), fixed)
     return out
+
+
+def _tuned_budget_note(file: str, fixed: dict[str, Any], cfg: Any) -> str:
+    """A warning when parameters were tuned under another training budget than the sweep's."""
+    tuned_at = build_config({k: v for k, v in fixed.items() if k not in ("seeds", "datasets")})
+    differ = [f"{name} {getattr(tuned_at, name)} (sweep: {getattr(cfg, name)})"
+              for name in ("epochs", "batch_size", "patience") if getattr(tuned_at, name) != getattr(cfg, name)]
+    if not differ:
+        return ""
+    return (f"warning: {file} was tuned with {', '.join(differ)} for {cfg.method} on {cfg.dataset}: tuned "
+            "values may not carry over; re-tune with the sweep's budget (tune --epochs/--set)")
 
 
 class _DataCache:
@@ -343,7 +355,7 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                     registry.get(name)
                 except UsageError as exc:
                     raise UsageError(f"sweep {spec.name}: [{kind}.{name}]: {exc}") from None
-    for (mname, dname), (_, file) in tuned.items():
+    for (mname, dname), (_, file, _fixed) in tuned.items():
         if mname not in spec.methods or dname not in spec.datasets:
             raise UsageError(f"tuned parameters {file!r} are for {mname} on {dname}, which sweep {spec.name} "
                              "does not run; drop that --tuned or tune a method of the sweep")
@@ -370,7 +382,7 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
             if mentry.get("use_recommended", spec.use_recommended):
                 settings.update(getattr(METHODS.get(mname), "recommended", {}) or {})
             settings.update(mentry.get("settings", {}))
-            tuned_params, tuned_file = tuned.get((mname, dname), ({}, ""))
+            tuned_params, tuned_file, tuned_fixed = tuned.get((mname, dname), ({}, "", {}))
             settings.update(tuned_params)
             settings["method"] = mname
             try:  # everything but the data: options of the dataset and the method, shared settings
@@ -379,6 +391,10 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                 resolve_method_options(mname, cfg0.method_options)
             except UsageError as exc:
                 raise UsageError(f"{where} on {dname}: {exc}") from None
+            if tuned_file and not smoke:
+                budget = _tuned_budget_note(tuned_file, tuned_fixed, cfg0)
+                if budget:
+                    notes.append(budget)
             try:
                 data = cache.get(dname, cfg0.dataset_options)
             except UsageError as exc:

@@ -200,9 +200,9 @@ def retried_from(trial: Any) -> int | None:
 
 
 # --- the objective ---------------------------------------------------------------------------------
-def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> float:
-    """Train one configuration; report per-epoch validation accuracy; return the final
-    validation accuracy of the selected checkpoint."""
+def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space, report_epochs: bool = True) -> float:
+    """Train one configuration; report per-epoch validation accuracy (pruning on it); return the
+    final validation accuracy of the selected checkpoint."""
     import optuna
 
     from benchmark.runner import execute, prepare
@@ -215,7 +215,7 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
     def on_epoch_end(row: dict[str, Any]) -> None:
         nonlocal step
         value = row.get("val_accuracy")
-        if isinstance(value, float) and math.isfinite(value):
+        if report_epochs and isinstance(value, float) and math.isfinite(value):
             trial.report(value, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {value:.4f} at step {step}")
@@ -223,6 +223,39 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
 
     record = execute(run, on_epoch_end=on_epoch_end)
     return float(record["metrics"]["val_accuracy"])
+
+
+# A study may average several runs per trial (tune --datasets/--seeds): the lists ride in the
+# study's fixed settings under these keys, next to the first run's dataset and seed.
+CELL_KEYS = ("datasets", "seeds")
+
+
+def trial_cells(fixed: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """The settings every run of a trial shares, and its (dataset, seed) runs."""
+    base = {k: v for k, v in fixed.items() if k not in CELL_KEYS}
+    datasets = list(fixed.get("datasets") or [fixed["dataset"]])
+    seeds = [int(x) for x in fixed.get("seeds") or [fixed.get("seed", 0)]]
+    return base, [(d, s) for d in datasets for s in seeds]
+
+
+def trial_value(trial: Any, fixed: dict[str, Any], datas: dict[str, Any], space: Space) -> float:
+    """One run: its validation accuracy, pruned per epoch. Several (datasets x seeds): their mean,
+    reported (and pruned on) after each run."""
+    import optuna
+
+    base, cells = trial_cells(fixed)
+    if len(cells) == 1:
+        (dataset, seed), = cells
+        return run_trial(trial, {**base, "dataset": dataset, "seed": seed}, datas[dataset], space)
+    values = []
+    for step, (dataset, seed) in enumerate(cells):
+        values.append(run_trial(trial, {**base, "dataset": dataset, "seed": seed}, datas[dataset], space,
+                                report_epochs=False))
+        mean = sum(values) / len(values)
+        trial.report(mean, step)
+        if step + 1 < len(cells) and trial.should_prune():
+            raise optuna.TrialPruned(f"mean validation accuracy {mean:.4f} after {step + 1} runs")
+    return sum(values) / len(values)
 
 
 class SurplusTrial(Exception):
@@ -240,8 +273,12 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
     from benchmark.data import create_dataset
 
     study = open_study(storage_url, study_name, fixed, sampler_seed)
-    cfg = build_config(fixed)
-    data = create_dataset(cfg.dataset, cfg.dataset_options)
+    base, cells = trial_cells(fixed)
+    datas = {}
+    for dataset, _ in cells:
+        if dataset not in datas:
+            cfg = build_config({**base, "dataset": dataset})
+            datas[dataset] = create_dataset(dataset, cfg.dataset_options)
     space = search_space(cfg.method)
     owner = f"{socket.gethostname()}:{os.getpid()}"
     counted = _counted_states()
@@ -255,7 +292,7 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
             trial.study.stop()
             raise SurplusTrial(f"the budget of {trials} trials is taken")
         try:
-            return run_trial(trial, fixed, data, space)
+            return trial_value(trial, fixed, datas, space)
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
         except Exception as exc:  # a refused value, a diverged run or a bug: recorded, the study goes on
@@ -363,14 +400,20 @@ def tune_command(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
         raise UsageError("--method needs at least one method name")
+    datasets = _names(args.datasets, "--datasets") if args.datasets else [args.dataset]
+    seeds = [_seed(x) for x in _names(args.seeds, "--seeds")] if args.seeds else [args.seed]
     fixed_by_method = {}
     for method in methods:
         fixed: dict[str, Any] = parse_assignments(args.assignments)
-        fixed.update(method=method, dataset=args.dataset, seed=args.seed)
+        fixed.update(method=method, dataset=datasets[0], seed=seeds[0])
         if args.epochs is not None:
             fixed["epochs"] = args.epochs
         fixed.setdefault("probe", False)  # trials are judged on validation accuracy only
-        prepare(build_config(fixed))  # every name and value checked before any study is touched
+        if len(datasets) > 1 or len(seeds) > 1:
+            fixed.update(datasets=datasets, seeds=seeds)
+        base, cells = trial_cells(fixed)
+        for dataset, seed in cells:  # every name and value checked before any study is touched
+            prepare(build_config({**base, "dataset": dataset, "seed": seed}))
         fixed_by_method[method] = fixed
     if not str(args.out).strip():
         raise UsageError("--out is empty; give a folder for the best-parameter file")
@@ -386,10 +429,24 @@ def tune_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} is not writable; choose another folder")
     storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     for method, fixed in fixed_by_method.items():
-        name = f"{method}-{args.dataset}" if not args.study else (
+        name = f"{method}-{'+'.join(datasets)}" if not args.study else (
             args.study if len(methods) == 1 else f"{args.study}-{method}")
         _tune_one(args, method, fixed, storage_url, name, out)
     return 0
+
+
+def _names(text: str, flag: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise UsageError(f"{flag} needs at least one comma-separated value")
+    return names
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--seeds takes whole numbers, got {text!r}") from None
 
 
 def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], storage_url: str, name: str,
@@ -417,9 +474,11 @@ def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], stor
         if any(proc.exitcode == 2 for proc in procs):
             raise UsageError(f"the workers of study {name!r} stopped on an error (above)")
     _wait_for_running(study)  # so that every worker writes the same, final best parameters
-    path = best_file(out, method, args.dataset)
-    best = write_best(study, path, fixed, storage_url)
+    datasets = list(fixed.get("datasets") or [fixed["dataset"]])
+    for dataset in datasets:  # one file per dataset, which `sweep --tuned` applies to its runs
+        path = best_file(out, method, dataset)
+        best = write_best(study, path, {**fixed, "dataset": dataset}, storage_url)
     counts = best["trials"]
-    print(f"tune {method} on {args.dataset}: study {name!r} has {counts['complete']} complete, "
+    print(f"tune {method} on {'+'.join(datasets)}: study {name!r} has {counts['complete']} complete, "
           f"{counts['pruned']} pruned, {counts['fail']} failed trials; best validation accuracy "
           f"{best['val_accuracy']:.4f} with {best['params']} ({time.perf_counter() - t0:.0f}s) → {path}")

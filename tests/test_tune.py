@@ -122,3 +122,35 @@ def test_no_private_optuna_attribute_is_used():
                  for i, line in enumerate(path.read_text().splitlines(), 1)
                  if "._storage" in line or "._trial_id" in line]
     assert not offenders, offenders
+
+
+def test_a_trial_averages_its_seeds_and_datasets(tmp_path):
+    from benchmark.tune import SEARCH_SPACES, trial_value
+
+    fixed = {**FIXED, "datasets": ["synthetic"], "seeds": [0, 1]}
+    data = {"synthetic": create_dataset("synthetic", build_config(FIXED).dataset_options)}
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    value = trial_value(trial, fixed, data, SEARCH_SPACES["joint"])
+    params = study.trials[0].params
+    singles = [run_trial(optuna.trial.FixedTrial(params), {**FIXED, "seed": seed}, data["synthetic"],
+                         SEARCH_SPACES["joint"], report_epochs=False) for seed in (0, 1)]
+    assert singles[0] != singles[1]  # two seeds really ran
+    assert value == pytest.approx(sum(singles) / 2)
+    assert list(study.trials[0].intermediate_values) == [0, 1]  # reported after each run
+
+
+def test_tune_over_seeds_writes_the_study_and_a_sweep_warns_about_another_budget(tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(["tune", "--method", "joint", "--trials", "1", "--seeds", "0,1", "--out", str(out), "--quiet",
+                 *TINY]) == 0
+    best = json.loads((out / "synthetic-joint.json").read_text())
+    assert best["fixed"]["seeds"] == [0, 1] and best["study"] == "joint-synthetic"
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('seeds = [0]\n[settings]\nepochs = 3\nbatch_size = 32\nprobe = false\n[datasets.synthetic]\n'
+                     'settings = { "dataset.n_train" = 160, "dataset.n_val" = 48, "dataset.n_test" = 48 }\n'
+                     '[methods.joint]\n')
+    capsys.readouterr()
+    assert main(["sweep", str(sweep), "--store", str(tmp_path / "store"), "--tuned", str(out), "--list"]) == 0
+    err = capsys.readouterr().err
+    assert "tuned with epochs 2 (sweep: 3)" in err
