@@ -1,8 +1,8 @@
 """Hyperparameter tuning with Optuna on validation accuracy (the test split is never looked at).
 
-Each method's search space is a function of the trial returning assignments (as ``--set``): a
-``search_space(trial)`` classmethod on the method class if it has one, else the entry of
-:data:`SEARCH_SPACES` (shared optimiser settings plus the method's own options). Trials are pruned
+Each method's search space is a function of the trial returning assignments (as ``--set``),
+declared beside the method (``Method.search_space``: the shared optimiser settings plus the options
+its paper tunes). Trials are pruned
 on the per-epoch validation accuracy (median rule). The study lives in an Optuna storage: a local
 SQLite file by default, or any database URL (PostgreSQL, MySQL) so that workers on many machines
 share one study. The trial budget counts completed and pruned trials over all workers: each
@@ -43,41 +43,11 @@ LEASE_SECONDS = float(os.environ.get("BMB_TUNE_LEASE", "120"))
 POLL_SECONDS = 1.0
 
 
-def _shared(trial: Any) -> dict[str, Any]:
-    return {"lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
-            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
-
-
-def _with(extra: Callable[[Any], dict[str, Any]]) -> Space:
-    return lambda trial: {**_shared(trial), **extra(trial)}
-
-
-# Per method: the shared optimiser settings plus the options the method's paper tunes.
-SEARCH_SPACES: dict[str, Space] = {
-    "joint": _shared,
-    "unimodal": _shared,
-    "ensemble": _shared,
-    "multi_loss": _with(lambda t: {"method.lambda_uni": t.suggest_float("method.lambda_uni", 0.1, 3.0, log=True)}),
-    "ogm": _with(lambda t: {"method.alpha": t.suggest_float("method.alpha", 0.1, 2.0)}),
-    "ogm_ge": _with(lambda t: {"method.alpha": t.suggest_float("method.alpha", 0.1, 2.0)}),
-    "mla": _shared,
-    "mcr": _with(lambda t: {
-        "method.lambda_m": t.suggest_float("method.lambda_m", 0.01, 1.0, log=True),
-        "method.lambda_uni": t.suggest_float("method.lambda_uni", 1e-3, 1.0, log=True),
-        "method.contrastive_weight": t.suggest_float("method.contrastive_weight", 0.1, 2.0, log=True)}),
-    "udi": _with(lambda t: {
-        "method.club_lr": t.suggest_float("method.club_lr", 1e-4, 1e-2, log=True),
-        "method.club_hidden": t.suggest_categorical("method.club_hidden", [32, 64, 128])}),
-}
-
-
 def search_space(method: str) -> Space:
+    """The method's own search space, declared beside it (``Method.search_space``)."""
     from benchmark.registry import METHODS
 
-    cls = METHODS.get(method)
-    if hasattr(cls, "search_space"):
-        return cls.search_space
-    return SEARCH_SPACES.get(method, _shared)
+    return METHODS.get(method).search_space
 
 
 # --- storage and study -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.data import create_dataset
 from benchmark.store import read_record
-from benchmark.tune import SEARCH_SPACES, run_trial, work
+from benchmark.tune import run_trial, search_space, work
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "dataset.n_train=160", "--set", "dataset.n_val=48", "--set", "dataset.n_test=48",
@@ -74,7 +74,7 @@ def test_pruning_stops_a_trial_at_the_epoch_it_is_told_to(monkeypatch):
     cfg = build_config(FIXED)
     data = create_dataset(cfg.dataset, cfg.dataset_options)
     with pytest.raises(optuna.TrialPruned, match="step 0"):
-        run_trial(trial, FIXED, data, SEARCH_SPACES["joint"])
+        run_trial(trial, FIXED, data, search_space("joint"))
     assert list(study.trials[0].intermediate_values) == [0]
 
 
@@ -125,16 +125,16 @@ def test_no_private_optuna_attribute_is_used():
 
 
 def test_a_trial_averages_its_seeds_and_datasets(tmp_path):
-    from benchmark.tune import SEARCH_SPACES, trial_value
+    from benchmark.tune import trial_value
 
     fixed = {**FIXED, "datasets": ["synthetic"], "seeds": [0, 1]}
     data = {"synthetic": create_dataset("synthetic", build_config(FIXED).dataset_options)}
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
-    value = trial_value(trial, fixed, data, SEARCH_SPACES["joint"])
+    value = trial_value(trial, fixed, data, search_space("joint"))
     params = study.trials[0].params
     singles = [run_trial(optuna.trial.FixedTrial(params), {**FIXED, "seed": seed}, data["synthetic"],
-                         SEARCH_SPACES["joint"], report_epochs=False) for seed in (0, 1)]
+                         search_space("joint"), report_epochs=False) for seed in (0, 1)]
     assert singles[0] != singles[1]  # two seeds really ran
     assert value == pytest.approx(sum(singles) / 2)
     assert list(study.trials[0].intermediate_values) == [0, 1]  # reported after each run
@@ -154,3 +154,14 @@ def test_tune_over_seeds_writes_the_study_and_a_sweep_warns_about_another_budget
     assert main(["sweep", str(sweep), "--store", str(tmp_path / "store"), "--tuned", str(out), "--list"]) == 0
     err = capsys.readouterr().err
     assert "tuned with epochs 2 (sweep: 3)" in err
+
+
+def test_every_method_declares_a_search_space_that_tune_accepts():
+    from benchmark.registry import METHODS, list_methods
+
+    for name in list_methods():
+        trial = optuna.create_study(direction="maximize").ask()
+        assignments = search_space(name)(trial)
+        assert {"lr", "weight_decay"} <= set(assignments)
+        build_config({"method": name, "dataset": "synthetic", **assignments})  # every key is a real option
+        assert search_space(name) == METHODS.get(name).search_space

@@ -27,7 +27,7 @@ from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
 from benchmark.late_fusion import FUSION_RULES, fuse
 from benchmark.losses import entropy, js_divergence
-from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext
+from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext, shared_search_space
 from benchmark.registry import register_method
 from benchmark.trainer import Trainer
 from benchmark.unimodal import UnimodalModel, build_unimodal, seed_key, train_unimodal, unimodal_eval
@@ -271,6 +271,12 @@ class UDI(Method):
     summary = "UDI: frozen best unimodal anchor guides each follower (JS + CLUB, dynamic weights)"
     Options = UDIOptions
     min_modalities = 2
+
+    @staticmethod
+    def search_space(trial: Any) -> dict[str, Any]:
+        return {**shared_search_space(trial),
+                "method.club_lr": trial.suggest_float("method.club_lr", 1e-4, 1e-2, log=True),
+                "method.club_hidden": trial.suggest_categorical("method.club_hidden", [32, 64, 128])}
 
     def check(self) -> None:
         anchor = self.options.anchor
