@@ -403,9 +403,7 @@ class UDI(Method):
         self.anchor = choice.anchor
         self.follower_order, order_rule = self.order_followers(accuracy)
         anchor = self.phase1[self.anchor]
-        anchor.requires_grad_(False)
-        anchor.zero_grad(set_to_none=True)  # drop the last phase-1 gradients: none may reach it now
-        anchor.eval()
+        self.freeze(anchor)
         self.model.units[self.anchor] = anchor
         if self.options.follower_init == "unimodal":  # until trained, a follower is its phase-1 model
             for m in self.followers:
@@ -431,7 +429,7 @@ class UDI(Method):
             phase = FollowerPhase(self, trainer, m)
             guides[m] = list(phase.guides)
             result = trainer.fit(phase.stage())
-            phase.follower.eval()
+            self.freeze(phase.follower)
             self.model.units[m] = phase.follower
             self.trained_followers.append(m)
             trace[m] = [{**{k: row.get(k) for k in TRACE_KEYS},
@@ -448,6 +446,13 @@ class UDI(Method):
             "controller": {"mode": opts.controller, "every": opts.controller_every, "task": opts.controller_task,
                            "initial": [opts.lambda_con, opts.lambda_com], "trace": trace},
         }
+
+    @staticmethod
+    def freeze(model: UnimodalModel) -> None:
+        """A trained modality guides the later ones and never changes again: no gradients, eval mode."""
+        model.requires_grad_(False)
+        model.zero_grad(set_to_none=True)  # drop its last training gradients
+        model.eval()
 
     def run(self, trainer: Trainer) -> dict[str, Any]:
         facts = self.anchor_phase(trainer)
