@@ -131,3 +131,19 @@ def test_ablation_sweep_shares_the_default_settings_and_runs_both_guidance_modes
     three = [v for v in ablation.methods["udi"]["variants"] if v.get("datasets") == ["synthetic-3m"]]
     assert three and all(v["method.guidance"] == "anchor" for v in three)
     assert load_sweep("paper").methods["udi"]["preset"] == "udi-paper"
+
+
+def test_ablation_cells_on_two_modalities_are_the_default_sweeps_runs(tmp_path) -> None:
+    """`nox -s bench` runs both sweeps into one store: on the two-modality sets the ablation sweep
+    must add no run (same keys); on the three-modality set it adds 15 cells per seed."""
+    from benchmark.sweep import Filters, plan_sweep
+
+    store = Store(tmp_path / "s")
+    only = Filters(datasets=["synthetic"], seeds=[0])
+    default = {r.key for r in plan_sweep(load_sweep("default"), store, only).runs}
+    ablation = plan_sweep(load_sweep("udi-ablation"), store, only).runs
+    assert len(ablation) == 7 and {r.key for r in ablation} <= default
+    three = plan_sweep(load_sweep("udi-ablation"), store, Filters(datasets=["synthetic-3m"], seeds=[0])).runs
+    assert len(three) == 15 and len({r.key for r in three}) == 15
+    guidance = [r.assignments.get("method.guidance", "progressive") for r in three if r.method == "udi"]
+    assert guidance.count("anchor") == guidance.count("progressive") == 7
