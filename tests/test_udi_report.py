@@ -130,7 +130,9 @@ def test_ablation_sweep_shares_the_default_settings_and_runs_both_guidance_modes
     assert "synthetic-3m" in ablation.datasets
     three = [v for v in ablation.methods["udi"]["variants"] if v.get("datasets") == ["synthetic-3m"]]
     assert three and all(v["method.guidance"] == "anchor" for v in three)
-    assert load_sweep("paper").methods["udi"]["preset"] == "udi-paper"
+    paper = load_sweep("udi-paper")
+    assert paper.preset == "udi-paper" and set(paper.methods) == {"joint", "udi"}
+    assert "preset" not in load_sweep("paper").methods["udi"]  # the paper sweep's protocol is shared
 
 
 def test_ablation_cells_on_two_modalities_are_the_default_sweeps_runs(tmp_path) -> None:

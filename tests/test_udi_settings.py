@@ -73,6 +73,10 @@ def test_a_sweep_applies_the_preset_under_the_methods_own_settings(tmp_path: Pat
     for run in plan.runs:
         a = run.assignments
         assert (a["optimizer"], a["batch_size"], a["lr"], a["epochs"]) == ("sgd", 64, 0.5, 2)
+    top = tmp_path / "top.toml"  # a top-level preset applies to every method that names none
+    top.write_text('preset = "udi-paper"\nseeds = [0]\n[datasets.synthetic]\n[methods.joint]\n')
+    (run,) = plan_sweep(load_sweep(str(top)), Store(tmp_path / "store")).runs
+    assert (run.assignments["optimizer"], run.assignments["epochs"]) == ("sgd", 100)
     bad = tmp_path / "bad.toml"
     bad.write_text('[datasets.synthetic]\n[methods.udi]\npreset = "nope"\n')
     with pytest.raises(UsageError, match="unknown preset"):
