@@ -278,3 +278,22 @@ def test_given_order_is_followed(tiny: dict) -> None:
     facts = record["method_record"]
     assert facts["follower_order"] == ["m2", "m1"] and facts["order_rule"] == "given"
     assert facts["guides"] == {"m2": ["m0"], "m1": ["m0", "m2"]}
+
+
+@pytest.mark.parametrize("options", [dict(controller_task="fused_ce", con_reduction="sum"),
+                                     dict(club_mode="sampled", controller="static")])
+def test_progressive_steps_never_wait_for_the_device_outside_the_controller(tiny: dict, options: dict) -> None:
+    from helpers import host_syncs
+
+    method, trainer = _phase1(_udi(tiny, anchor="m0", order="m1,m2", **options))
+    _train_first_follower(method, trainer)
+    phase = FollowerPhase(method, trainer, "m2")
+    batch = next(trainer.batches("train", shuffle=False))
+    for step in range(3):
+        due = phase.controller is not None and phase.controller.due(step)
+        with host_syncs() as calls:
+            phase.step(batch, _ctx(trainer, phase, step))
+        if due:
+            assert calls and all("controller.py" in c for c in calls), calls
+        else:
+            assert calls == [], calls
