@@ -269,8 +269,8 @@ def udi_section(frame: pd.DataFrame, figures: Path | None = None, link_prefix: s
           f"{DECOUPLED} is UDI with fixed weights (0, 0) and followers from scratch: unimodal models "
           "trained apart and fused at test time, the paper's \"Decoupled\" baseline. The paper's column "
           "is its Table 1 accuracy for the same setting (single published figures; its rows come from "
-          "other preprocessing and budgets: compare gaps, not levels). The paper has no ✕/✓ row in this "
-          "suite's terms (a joint loss with the controller) and it is not run.\n"]
+          "other preprocessing and budgets: compare gaps, not levels). Table 2's ✕/✓ row (a joint loss "
+          "with the controller) is not a method of this suite and is left out.\n"]
     for dataset in _order(cells["dataset"].unique()):
         sub = cells[cells["dataset"] == dataset]
         joint = frame[(frame["dataset"] == dataset) & (frame["method"] == "joint") & (frame["label"] == "joint")]
