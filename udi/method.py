@@ -1,12 +1,15 @@
 """``udi``: Unidirectional Dynamic Interaction (Wang et al., arXiv 2509.02281).
 
 Phase 1 trains every modality alone (exactly the ``unimodal`` baseline's training, reusing its
-cached checkpoints) and picks the anchor; phase 2 trains each other modality (a follower) with
+cached checkpoints) and picks the anchor; phase 2 trains each other modality (a follower) in turn
+with
 
-    L_m = CE(z_m, y) + λ_con · JS(p_a ‖ p_m) + λ_com · Î_CLUB(f_a; f_m)
+    L_m = CE(z_m, y) + λ_con · JS(p_g ‖ p_m) + λ_com · mean_g Î_CLUB(f_g; f_m)
 
-against the frozen anchor, the weights set by the dynamic controller or fixed. Prediction is a
-late fusion of every modality's head. See docs/udi.md for every choice and option.
+against its frozen guides g: the anchor, and with ``guidance=progressive`` (three or more
+modalities, App. A.2) every follower trained before it, p_g then being their fused prediction. The
+weights are set by the dynamic controller or fixed. Prediction is a late fusion of every
+modality's head. See docs/udi.md for every choice and option.
 """
 
 from __future__ import annotations
