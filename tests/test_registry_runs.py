@@ -55,6 +55,7 @@ SPECS = {
     "small_cnn": ModalitySpec("x", "image", (3, 8, 8), "small_cnn"),
     "resnet18_audio": ModalitySpec("x", "spectrogram", (1, 32, 24), "resnet18_audio"),
     "resnet18_visual": ModalitySpec("x", "frames", (2, 3, 32, 32), "resnet18_visual"),
+    "cgmnist_cnn": ModalitySpec("x", "image", (3, 28, 28), "cgmnist_cnn"),
 }
 
 
