@@ -221,7 +221,7 @@ def controller_trace(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- figures -----------------------------------------------------------------------------------------
-def controller_figure(name: str, trace: pd.DataFrame, out: Path) -> Path:
+def controller_figure(name: str, trace: pd.DataFrame, out: Path, slug: str) -> Path:
     """λ_con and λ_com, the two inner products (symlog) and the CLUB value per epoch, mean ± sd over seeds."""
     import matplotlib
 
@@ -245,7 +245,7 @@ def controller_figure(name: str, trace: pd.DataFrame, out: Path) -> Path:
     axes[2].set(ylabel="CLUB bound (nats, epoch mean)", title="L_com")
     fig.suptitle(f"{name}: UDI dynamic controller (anchor auto; mean ± sd over seeds)")
     fig.tight_layout()
-    path = out / f"{name.replace(' ', '-').replace('=', '-')}-udi-controller.png"
+    path = out / f"{slug}-udi-controller.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -288,7 +288,8 @@ def udi_section(frame: pd.DataFrame, figures: Path | None = None, link_prefix: s
                 md += ["**The dynamic controller** (anchor auto; every epoch of every run):\n",
                        _markdown(summary) + "\n"]
                 if figures is not None:
-                    path = controller_figure(title, controller_trace(part), figures)
+                    slug = dataset if n_mod < 3 else f"{dataset}-{mode}"
+                    path = controller_figure(title, controller_trace(part), figures, slug)
                     written.append(path)
                     md.append(f"![{path.stem}]({link_prefix}{path.name})\n")
     return "\n".join(md), written
