@@ -5,6 +5,7 @@ A sweep file (``benchmark/sweeps/<name>.toml``, or any path) has::
     description = "..."
     seeds = [0, 1, 2]
     use_recommended = false        # apply each method's ``recommended`` shared settings
+    preset = "udi-paper"           # optional: a named preset's settings for each dataset
     [settings]                     # assignments for every run (as ``--set key=value``)
     epochs = 20
     [datasets.<name>]              # one table per dataset, in run order
@@ -12,14 +13,19 @@ A sweep file (``benchmark/sweeps/<name>.toml``, or any path) has::
     [methods.<name>]               # one table per method
     settings = { lr = 0.01 }       # assignments for this method's runs
     datasets = ["synthetic"]       # optional: only on these datasets
+    preset = "udi-paper"           # optional: this method's preset (over the sweep's)
     variants = [                   # optional: one or more option sets, each a grid
       { "method.anchor" = ["auto", "@modalities"], "method.controller" = "dynamic" },
+      { "method.guidance" = ["progressive", "anchor"], datasets = ["synthetic-3m"] },
     ]
 
 In a variant a list is a grid axis (one run per value, the product over the lists), the string
 ``"@modalities"`` stands for each modality of the dataset, and ``label`` names the variant in
-tables (a template over the variant's options: ``label = "udi static ({lambda_con}, {lambda_com})"``).
-Later settings win: sweep < dataset < method's recommended < method < tuned file < variant.
+tables (a template over the variant's options: ``label = "udi static ({lambda_con}, {lambda_com})"``);
+a variant's ``datasets`` limits it to those datasets. A method's ``preset`` names a set of shared
+settings per dataset (``benchmark.presets``; e.g. ``udi-paper``, the UDI paper's); a top-level
+``preset`` applies to every method that names none.
+Later settings win: sweep < dataset < method's recommended < preset < method < tuned file < variant.
 
 Runs are ordered so that unimodal models come first (``unimodal``, then ``ensemble``, then the
 rest), which lets the methods that need them (UDI's anchor phase, MCR) reuse their checkpoints.
@@ -57,9 +63,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 SWEEP_DIR = Path(__file__).resolve().parent / "sweeps"
 MODALITIES = "@modalities"
-TOP_KEYS = {"description", "seeds", "settings", "datasets", "methods", "use_recommended"}
+TOP_KEYS = {"description", "seeds", "settings", "datasets", "methods", "use_recommended", "preset"}
 DATASET_KEYS = {"settings"}
-METHOD_KEYS = {"settings", "variants", "datasets", "use_recommended"}
+METHOD_KEYS = {"settings", "variants", "datasets", "use_recommended", "preset"}
+VARIANT_DATASETS = "datasets"  # a variant's own dataset filter (not an option)
 # Work order: unimodal models first so that later runs reuse their checkpoints.
 PRIORITY = {"unimodal": 0, "ensemble": 1}
 
@@ -75,6 +82,7 @@ class SweepSpec:
     datasets: dict[str, dict[str, Any]]
     methods: dict[str, dict[str, Any]]
     use_recommended: bool = False
+    preset: str = ""
 
 
 def list_sweeps() -> list[str]:
@@ -140,12 +148,24 @@ def load_sweep(name: str) -> SweepSpec:
         if not isinstance(only, list) or not set(only) <= set(datasets):
             raise UsageError(f"{where}: datasets must list datasets of this sweep ({', '.join(datasets)}), "
                              f"got {only!r}")
+        for v_index, variant in enumerate(variants):
+            only = variant.get(VARIANT_DATASETS, list(datasets))
+            if not isinstance(only, list) or not set(only) <= set(datasets):
+                raise UsageError(f"{where} variant {v_index + 1}: datasets must list datasets of this sweep "
+                                 f"({', '.join(datasets)}), got {only!r}")
+        if "preset" in entry:
+            from benchmark.presets import check_preset
+            check_preset(entry["preset"], f"{where}: preset")
     use_rec = data.get("use_recommended", False)
     if not isinstance(use_rec, bool):
         raise UsageError(f"sweep {label}: use_recommended must be true or false, got {use_rec!r}")
+    preset = data.get("preset", "")
+    if preset:
+        from benchmark.presets import check_preset
+        check_preset(preset, f"sweep {label}: preset")
     return SweepSpec(label, str(path), str(data.get("description", "")), list(seeds),
                      _table(data.get("settings", {}), f"sweep {label}: [settings]"), datasets, methods,
-                     use_rec)
+                     use_rec, preset)
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -238,7 +258,7 @@ def _expand_variant(variant: dict[str, Any], modalities: list[str], where: str
         raise UsageError(f"{where}: label must be a string, got {template!r}")
     axes: list[tuple[str, list[Any]]] = []
     for key, value in variant.items():
-        if key == "label":
+        if key in ("label", VARIANT_DATASETS):
             continue
         values = value if isinstance(value, list) else [value]
         expanded: list[Any] = []
@@ -381,6 +401,9 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
             settings = dict(base)
             if mentry.get("use_recommended", spec.use_recommended):
                 settings.update(getattr(METHODS.get(mname), "recommended", {}) or {})
+            if mentry.get("preset", spec.preset):
+                from benchmark.presets import preset_settings
+                settings.update(preset_settings(mentry.get("preset", spec.preset), dname))
             settings.update(mentry.get("settings", {}))
             tuned_params, tuned_file, tuned_fixed = tuned.get((mname, dname), ({}, "", {}))
             settings.update(tuned_params)
@@ -405,6 +428,8 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                 break
             modalities = data.info.modality_names
             for v_index, variant in enumerate(mentry.get("variants", [{}])):
+                if dname not in variant.get(VARIANT_DATASETS, [dname]):
+                    continue
                 vwhere = f"{where} variant {v_index + 1}"
                 for options, template in _expand_variant(variant, modalities, vwhere):
                     label = _label(mname, options, template, vwhere) + (" [tuned]" if tuned_file else "")
