@@ -25,10 +25,13 @@ UDI_PAPER: dict[str, dict[str, Any]] = {
                         "dataset.audio_frames": 1004},
     # 3 RGB frames and 3 stacked flow frames
     "ucf101": {"lr": 1e-3, "dataset.frames": 3},
-    "food-101": {"lr": 1e-3},
+    # pretrained ResNet18 on 256×256 images and pretrained BERT on ≤ 40 tokens (local files:
+    # dataset.image_weights, dataset.bert_dir; from scratch otherwise)
+    "food-101": {"lr": 1e-3, "dataset.image_size": 256, "dataset.max_tokens": 40},
     # PMR's 4-conv + average-pool encoder on both images; 20 follower epochs
     "cgmnist": {"epochs": 20, "encoder.gray": "cgmnist_cnn", "encoder.color": "cgmnist_cnn"},
-    "cmu-mosei": {"epochs": 20},
+    # Transformers on the aligned features of the three modalities, concatenation fusion
+    "cmu-mosei": {"epochs": 20, "dataset.labels": "binary", "fusion": "concat"},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"udi-paper": UDI_PAPER}
