@@ -435,12 +435,15 @@ def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], stor
         try:
             for proc in procs:
                 proc.join()
-        finally:  # Ctrl-C or an error here: the workers end with us (their trials are given back)
+        finally:  # Ctrl-C or an error here: the workers end before us (their trials are given back)
             for proc in procs:
                 if proc.is_alive():
                     proc.terminate()
             for proc in procs:
-                proc.join(timeout=10)
+                proc.join(timeout=30)
+                if proc.is_alive():  # stuck giving its trial back: its lease will expire instead
+                    proc.kill()
+                    proc.join(timeout=10)
         if any(proc.exitcode == 2 for proc in procs):
             raise UsageError(f"the workers of study {name!r} stopped on an error (above)")
     _wait_for_running(study)  # so that every worker writes the same, final best parameters
