@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import nn
 
 from benchmark.config import opt
 from benchmark.errors import UsageError
-from benchmark.method import Batch, EvalOutput, Method, StepContext
+from benchmark.method import Batch, EvalOutput, Method, StepContext, shared_search_space
 from benchmark.registry import register_method
 
 
@@ -63,6 +64,11 @@ class MultiLossOptions:
 class MultiLoss(Joint):
     summary = "joint cross-entropy + λ_uni × unimodal cross-entropies (separate heads)"
     Options = MultiLossOptions
+
+    @staticmethod
+    def search_space(trial: Any) -> dict[str, Any]:
+        return {**shared_search_space(trial),
+                "method.lambda_uni": trial.suggest_float("method.lambda_uni", 0.1, 3.0, log=True)}
 
     def build(self) -> nn.Module:
         super().build()

@@ -32,7 +32,7 @@ from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
 from benchmark.losses import js_divergence
-from benchmark.method import Batch, EvalOutput, Stage, StepContext
+from benchmark.method import Batch, EvalOutput, Stage, StepContext, shared_search_space
 from benchmark.registry import register_method
 from benchmark.unimodal import train_unimodal
 
@@ -136,6 +136,13 @@ class MCR(Joint):
     recommended: ClassVar[dict[str, Any]] = {
         "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 32,
     }
+
+    @staticmethod
+    def search_space(trial: Any) -> dict[str, Any]:
+        return {**shared_search_space(trial),
+                "method.lambda_m": trial.suggest_float("method.lambda_m", 0.01, 1.0, log=True),
+                "method.lambda_uni": trial.suggest_float("method.lambda_uni", 1e-3, 1.0, log=True),
+                "method.contrastive_weight": trial.suggest_float("method.contrastive_weight", 0.1, 2.0, log=True)}
 
     def check(self) -> None:
         if self.options.contrastive_weight > 0:

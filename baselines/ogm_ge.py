@@ -32,7 +32,7 @@ from baselines.joint import Joint
 from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
-from benchmark.method import Batch, Stage, StepContext
+from benchmark.method import Batch, Stage, StepContext, shared_search_space
 from benchmark.registry import register_method
 
 MODULATE_CHOICES = ("auto", "conv", "weights")
@@ -115,6 +115,10 @@ class OGMGE(Joint):
         "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
         "scheduler": "step", "step_size": 70, "gamma": 0.1, "epochs": 100,
     }
+
+    @staticmethod
+    def search_space(trial: Any) -> dict[str, Any]:
+        return {**shared_search_space(trial), "method.alpha": trial.suggest_float("method.alpha", 0.1, 2.0)}
 
     def check(self) -> None:
         if self.cfg.fusion not in ("concat", "sum"):

@@ -4,11 +4,13 @@ exit status 2; a diverging run gives exit status 3 and a record marked failed.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, NoReturn
 
 from benchmark.config import RunConfig, build_config, options_help, parse_assignments
@@ -86,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             assignments[name] = getattr(args, name)
     cfg = build_config(assignments)
     run = prepare(cfg)  # every name and value checked before anything is written
+    created = not Path(args.out).expanduser().exists()
     out = check_output_dir(args.out)  # created and test-written before training starts
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
@@ -93,6 +96,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except DivergedError as exc:
         print(f"error: run diverged: {exc}", file=sys.stderr)
         return 3
+    except UsageError:  # refused while building (a bad weights file): leave no empty folder behind
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     m = record["metrics"]
     if args.print_record:
         print(json.dumps(record, indent=1, default=str))

@@ -89,8 +89,16 @@ def _assignments(values: list[str], flag: str) -> dict[str, str]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from benchmark.store import Store
-    from benchmark.sweep import (Filters, Smoke, _split_list, default_placement, load_sweep, load_tuned,
-                                 plan_sweep, run_plan)
+    from benchmark.sweep import (
+        Filters,
+        Smoke,
+        _split_list,
+        default_placement,
+        load_sweep,
+        load_tuned,
+        plan_sweep,
+        run_plan,
+    )
 
     spec = load_sweep(args.name)
     filters = Filters(_split_list(args.dataset), _split_list(args.method), _ints(args.seed, "--seed"),
@@ -189,6 +197,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _register_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune", help="tune a method's hyperparameters with Optuna on validation accuracy",
+        epilog="Browse a study: pip install optuna-dashboard; optuna-dashboard sqlite:///tuned/optuna.db "
+               "(or the --storage URL).",
         description="Optuna study over the method's search space (lr, weight decay and its own options), "
                     "maximising validation accuracy, pruning on per-epoch validation accuracy. Several "
                     "processes (or --jobs) may work on one study; re-running resumes it. The best "
@@ -199,7 +209,12 @@ def _register_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--trials", type=int, required=True,
                    help="trials in total for the study (completed or pruned), over all processes")
+    p.add_argument("--datasets", default=None, metavar="A,B",
+                   help="tune on several datasets at once: a trial's value is the mean validation accuracy "
+                        "over every dataset and seed (overrides --dataset)")
     p.add_argument("--seed", type=int, default=0, help="run seed of every trial [0]")
+    p.add_argument("--seeds", default=None, metavar="S,T",
+                   help="several run seeds per trial, averaged (overrides --seed)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per phase [the run default]")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed settings for every trial (as in `run --set`)")

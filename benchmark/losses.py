@@ -23,8 +23,9 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return z - z.exp().sum(dim=-1, keepdim=True).log()
 
 
-def js_divergence(p: torch.Tensor, q: torch.Tensor, *, from_logits: bool = False) -> torch.Tensor:
-    """Batch mean of JS(p ‖ q) = ½ KL(p ‖ r) + ½ KL(q ‖ r), r = ½(p + q), in nats.
+def js_divergence(p: torch.Tensor, q: torch.Tensor, *, from_logits: bool = False,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Batch mean (``reduction="sum"``: batch sum) of JS(p ‖ q) = ½ KL(p ‖ r) + ½ KL(q ‖ r), r = ½(p + q), in nats.
 
     ``p`` and ``q`` are (batch, classes) probabilities, or logits with ``from_logits=True`` (the
     form used in training; there JS = H(r) − ½H(p) − ½H(q), with log p and log q from the
@@ -32,7 +33,9 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, *, from_logits: bool = False
     probability contribute zero (0 log 0 = 0), so disjoint distributions give exactly ln 2. The
     value lies in [0, ln 2] and is symmetric in p and q.
     """
-    rows = p.shape[0]
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}; choose mean or sum")
+    rows = p.shape[0] if reduction == "mean" else 1
     if from_logits:
         log_p, log_q = _log_softmax(p), _log_softmax(q)
         prob_p, prob_q = log_p.exp(), log_q.exp()

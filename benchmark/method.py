@@ -105,6 +105,12 @@ def make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def shared_search_space(trial: Any) -> dict[str, Any]:
+    """The optimiser settings every method's tuning searches (Optuna trial → ``--set`` assignments)."""
+    return {"lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
+
+
 class Method:
     """Base class of every training method. Subclasses are registered with
     ``@register_method(name)`` and set ``Options`` to a dataclass of their own options."""
@@ -113,6 +119,12 @@ class Method:
     min_modalities: ClassVar[int] = 1
     max_modalities: ClassVar[int | None] = None
     summary: ClassVar[str] = ""
+
+    @staticmethod
+    def search_space(trial: Any) -> dict[str, Any]:
+        """What ``tune`` searches for this method: the shared optimiser settings plus the options its
+        paper tunes (override beside the method)."""
+        return shared_search_space(trial)
 
     def __init__(self, info: DataInfo, cfg: RunConfig, options: Any) -> None:
         self.info = info

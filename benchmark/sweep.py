@@ -5,6 +5,7 @@ A sweep file (``benchmark/sweeps/<name>.toml``, or any path) has::
     description = "..."
     seeds = [0, 1, 2]
     use_recommended = false        # apply each method's ``recommended`` shared settings
+    preset = "udi-paper"           # optional: a named preset's settings for each dataset
     [settings]                     # assignments for every run (as ``--set key=value``)
     epochs = 20
     [datasets.<name>]              # one table per dataset, in run order
@@ -12,14 +13,19 @@ A sweep file (``benchmark/sweeps/<name>.toml``, or any path) has::
     [methods.<name>]               # one table per method
     settings = { lr = 0.01 }       # assignments for this method's runs
     datasets = ["synthetic"]       # optional: only on these datasets
+    preset = "udi-paper"           # optional: this method's preset (over the sweep's)
     variants = [                   # optional: one or more option sets, each a grid
       { "method.anchor" = ["auto", "@modalities"], "method.controller" = "dynamic" },
+      { "method.guidance" = ["progressive", "anchor"], datasets = ["synthetic-3m"] },
     ]
 
 In a variant a list is a grid axis (one run per value, the product over the lists), the string
 ``"@modalities"`` stands for each modality of the dataset, and ``label`` names the variant in
-tables (a template over the variant's options: ``label = "udi static ({lambda_con}, {lambda_com})"``).
-Later settings win: sweep < dataset < method's recommended < method < tuned file < variant.
+tables (a template over the variant's options: ``label = "udi static ({lambda_con}, {lambda_com})"``);
+a variant's ``datasets`` limits it to those datasets. A method's ``preset`` names a set of shared
+settings per dataset (``benchmark.presets``; e.g. ``udi-paper``, the UDI paper's); a top-level
+``preset`` applies to every method that names none.
+Later settings win: sweep < dataset < method's recommended < preset < method < tuned file < variant.
 
 Runs are ordered so that unimodal models come first (``unimodal``, then ``ensemble``, then the
 rest), which lets the methods that need them (UDI's anchor phase, MCR) reuse their checkpoints.
@@ -27,6 +33,7 @@ rest), which lets the methods that need them (UDI's anchor phase, MCR) reuse the
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import json
@@ -56,9 +63,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 SWEEP_DIR = Path(__file__).resolve().parent / "sweeps"
 MODALITIES = "@modalities"
-TOP_KEYS = {"description", "seeds", "settings", "datasets", "methods", "use_recommended"}
+TOP_KEYS = {"description", "seeds", "settings", "datasets", "methods", "use_recommended", "preset"}
 DATASET_KEYS = {"settings"}
-METHOD_KEYS = {"settings", "variants", "datasets", "use_recommended"}
+METHOD_KEYS = {"settings", "variants", "datasets", "use_recommended", "preset"}
+VARIANT_DATASETS = "datasets"  # a variant's own dataset filter (not an option)
 # Work order: unimodal models first so that later runs reuse their checkpoints.
 PRIORITY = {"unimodal": 0, "ensemble": 1}
 
@@ -74,6 +82,7 @@ class SweepSpec:
     datasets: dict[str, dict[str, Any]]
     methods: dict[str, dict[str, Any]]
     use_recommended: bool = False
+    preset: str = ""
 
 
 def list_sweeps() -> list[str]:
@@ -139,12 +148,24 @@ def load_sweep(name: str) -> SweepSpec:
         if not isinstance(only, list) or not set(only) <= set(datasets):
             raise UsageError(f"{where}: datasets must list datasets of this sweep ({', '.join(datasets)}), "
                              f"got {only!r}")
+        for v_index, variant in enumerate(variants):
+            only = variant.get(VARIANT_DATASETS, list(datasets))
+            if not isinstance(only, list) or not set(only) <= set(datasets):
+                raise UsageError(f"{where} variant {v_index + 1}: datasets must list datasets of this sweep "
+                                 f"({', '.join(datasets)}), got {only!r}")
+        if "preset" in entry:
+            from benchmark.presets import check_preset
+            check_preset(entry["preset"], f"{where}: preset")
     use_rec = data.get("use_recommended", False)
     if not isinstance(use_rec, bool):
         raise UsageError(f"sweep {label}: use_recommended must be true or false, got {use_rec!r}")
+    preset = data.get("preset", "")
+    if preset:
+        from benchmark.presets import check_preset
+        check_preset(preset, f"sweep {label}: preset")
     return SweepSpec(label, str(path), str(data.get("description", "")), list(seeds),
                      _table(data.get("settings", {}), f"sweep {label}: [settings]"), datasets, methods,
-                     use_rec)
+                     use_rec, preset)
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -237,7 +258,7 @@ def _expand_variant(variant: dict[str, Any], modalities: list[str], where: str
         raise UsageError(f"{where}: label must be a string, got {template!r}")
     axes: list[tuple[str, list[Any]]] = []
     for key, value in variant.items():
-        if key == "label":
+        if key in ("label", VARIANT_DATASETS):
             continue
         values = value if isinstance(value, list) else [value]
         expanded: list[Any] = []
@@ -266,10 +287,10 @@ def _label(method: str, options: dict[str, Any], template: str, where: str) -> s
     return method + " " + " ".join(f"{k}={v}" for k, v in short.items())
 
 
-def load_tuned(paths: Iterable[str]) -> dict[tuple[str, str], tuple[dict[str, Any], str]]:
+def load_tuned(paths: Iterable[str]) -> dict[tuple[str, str], tuple[dict[str, Any], str, dict[str, Any]]]:
     """Best-parameter files written by ``tune`` (files or folders of them):
-    (method, dataset) → (assignments, file)."""
-    out: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+    (method, dataset) → (assignments, file, the study's fixed settings)."""
+    out: dict[tuple[str, str], tuple[dict[str, Any], str, dict[str, Any]]] = {}
     for given in paths:
         path = Path(given).expanduser()
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
@@ -281,11 +302,23 @@ def load_tuned(paths: Iterable[str]) -> dict[tuple[str, str], tuple[dict[str, An
                 data = json.loads(file.read_text())
                 key = (str(data["method"]), str(data["dataset"]))
                 params = dict(data["params"])
+                fixed = dict(data.get("fixed") or {})
             except (OSError, ValueError, KeyError, TypeError):
                 raise UsageError(f"tuned parameters {str(file)!r} are not a file written by "
                                  "`python -m benchmark tune`; re-run tune or remove the file") from None
-            out[key] = (params, str(file))
+            out[key] = (params, str(file), fixed)
     return out
+
+
+def _tuned_budget_note(file: str, fixed: dict[str, Any], cfg: Any) -> str:
+    """A warning when parameters were tuned under another training budget than the sweep's."""
+    tuned_at = build_config({k: v for k, v in fixed.items() if k not in ("seeds", "datasets")})
+    differ = [f"{name} {getattr(tuned_at, name)} (sweep: {getattr(cfg, name)})"
+              for name in ("epochs", "batch_size", "patience") if getattr(tuned_at, name) != getattr(cfg, name)]
+    if not differ:
+        return ""
+    return (f"warning: {file} was tuned with {', '.join(differ)} for {cfg.method} on {cfg.dataset}: tuned "
+            "values may not carry over; re-tune with the sweep's budget (tune --epochs/--set)")
 
 
 class _DataCache:
@@ -342,7 +375,7 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                     registry.get(name)
                 except UsageError as exc:
                     raise UsageError(f"sweep {spec.name}: [{kind}.{name}]: {exc}") from None
-    for (mname, dname), (_, file) in tuned.items():
+    for (mname, dname), (_, file, _fixed) in tuned.items():
         if mname not in spec.methods or dname not in spec.datasets:
             raise UsageError(f"tuned parameters {file!r} are for {mname} on {dname}, which sweep {spec.name} "
                              "does not run; drop that --tuned or tune a method of the sweep")
@@ -368,8 +401,11 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
             settings = dict(base)
             if mentry.get("use_recommended", spec.use_recommended):
                 settings.update(getattr(METHODS.get(mname), "recommended", {}) or {})
+            if mentry.get("preset", spec.preset):
+                from benchmark.presets import preset_settings
+                settings.update(preset_settings(mentry.get("preset", spec.preset), dname))
             settings.update(mentry.get("settings", {}))
-            tuned_params, tuned_file = tuned.get((mname, dname), ({}, ""))
+            tuned_params, tuned_file, tuned_fixed = tuned.get((mname, dname), ({}, "", {}))
             settings.update(tuned_params)
             settings["method"] = mname
             try:  # everything but the data: options of the dataset and the method, shared settings
@@ -378,6 +414,10 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                 resolve_method_options(mname, cfg0.method_options)
             except UsageError as exc:
                 raise UsageError(f"{where} on {dname}: {exc}") from None
+            if tuned_file and not smoke:
+                budget = _tuned_budget_note(tuned_file, tuned_fixed, cfg0)
+                if budget:
+                    notes.append(budget)
             try:
                 data = cache.get(dname, cfg0.dataset_options)
             except UsageError as exc:
@@ -388,6 +428,8 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                 break
             modalities = data.info.modality_names
             for v_index, variant in enumerate(mentry.get("variants", [{}])):
+                if dname not in variant.get(VARIANT_DATASETS, [dname]):
+                    continue
                 vwhere = f"{where} variant {v_index + 1}"
                 for options, template in _expand_variant(variant, modalities, vwhere):
                     label = _label(mname, options, template, vwhere) + (" [tuned]" if tuned_file else "")
@@ -728,7 +770,13 @@ def default_placement(jobs: int | None = None, runs_per_gpu: int = 1,
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return place_workers(visible_gpus(count), os.cpu_count() or 1, jobs, runs_per_gpu, threads_per_run)
+    if threads_per_run is None:  # OMP_NUM_THREADS, when set, is the user's threads per process
+        with contextlib.suppress(ValueError):
+            threads_per_run = int(os.environ.get("OMP_NUM_THREADS", "")) or None
+    cores = os.cpu_count() or 1
+    if threads_per_run is not None and jobs is None:
+        threads_per_run = min(threads_per_run, cores)
+    return place_workers(visible_gpus(count), cores, jobs, runs_per_gpu, threads_per_run)
 
 
 def run_plan(plan: Plan, store: Store, jobs: int | None = None, retry_failed: bool = False,

@@ -1,8 +1,8 @@
 """Hyperparameter tuning with Optuna on validation accuracy (the test split is never looked at).
 
-Each method's search space is a function of the trial returning assignments (as ``--set``): a
-``search_space(trial)`` classmethod on the method class if it has one, else the entry of
-:data:`SEARCH_SPACES` (shared optimiser settings plus the method's own options). Trials are pruned
+Each method's search space is a function of the trial returning assignments (as ``--set``),
+declared beside the method (``Method.search_space``: the shared optimiser settings plus the options
+its paper tunes). Trials are pruned
 on the per-epoch validation accuracy (median rule). The study lives in an Optuna storage: a local
 SQLite file by default, or any database URL (PostgreSQL, MySQL) so that workers on many machines
 share one study. The trial budget counts completed and pruned trials over all workers: each
@@ -23,8 +23,8 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,48 +43,42 @@ LEASE_SECONDS = float(os.environ.get("BMB_TUNE_LEASE", "120"))
 POLL_SECONDS = 1.0
 
 
-def _shared(trial: Any) -> dict[str, Any]:
-    return {"lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
-            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)}
-
-
-def _with(extra: Callable[[Any], dict[str, Any]]) -> Space:
-    return lambda trial: {**_shared(trial), **extra(trial)}
-
-
-# Per method: the shared optimiser settings plus the options the method's paper tunes.
-SEARCH_SPACES: dict[str, Space] = {
-    "joint": _shared,
-    "unimodal": _shared,
-    "ensemble": _shared,
-    "multi_loss": _with(lambda t: {"method.lambda_uni": t.suggest_float("method.lambda_uni", 0.1, 3.0, log=True)}),
-    "ogm": _with(lambda t: {"method.alpha": t.suggest_float("method.alpha", 0.1, 2.0)}),
-    "ogm_ge": _with(lambda t: {"method.alpha": t.suggest_float("method.alpha", 0.1, 2.0)}),
-    "mla": _shared,
-    "mcr": _with(lambda t: {
-        "method.lambda_m": t.suggest_float("method.lambda_m", 0.01, 1.0, log=True),
-        "method.lambda_uni": t.suggest_float("method.lambda_uni", 1e-3, 1.0, log=True),
-        "method.contrastive_weight": t.suggest_float("method.contrastive_weight", 0.1, 2.0, log=True)}),
-    "udi": _with(lambda t: {
-        "method.club_lr": t.suggest_float("method.club_lr", 1e-4, 1e-2, log=True),
-        "method.club_hidden": t.suggest_categorical("method.club_hidden", [32, 64, 128])}),
-}
-
-
 def search_space(method: str) -> Space:
+    """The method's own search space, declared beside it (``Method.search_space``)."""
     from benchmark.registry import METHODS
 
-    cls = METHODS.get(method)
-    if hasattr(cls, "search_space"):
-        return cls.search_space
-    return SEARCH_SPACES.get(method, _shared)
+    return METHODS.get(method).search_space
 
 
 # --- storage and study -----------------------------------------------------------------------------
-def make_storage(url: str) -> Any:
+MAX_RETRY = 3  # a trial whose worker died is run again at most this often
+
+
+def _retry_class() -> tuple[Any, str]:
+    """Optuna's retry of stale trials and the storage argument that takes it (renamed in Optuna 4.9)."""
     import optuna
 
-    kwargs: dict[str, Any] = {}
+    # Heartbeats and their retry are marked experimental by Optuna; the suite relies on them knowingly.
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        return optuna.storages.RetryHeartbeatStaleTrialCallback, "heartbeat_stale_trial_callback"
+    return optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
+
+
+def retry_callback() -> Any:
+    return _retry_class()[0](max_retry=MAX_RETRY)
+
+
+def make_storage(url: str) -> Any:
+    """An Optuna RDB storage with heartbeats: a running trial whose worker stops beating for the
+    lease is failed by the next worker that starts a trial, and queued again with its parameters
+    (Optuna's RetryFailedTrialCallback)."""
+    import optuna
+
+    retry, argument = _retry_class()
+    kwargs: dict[str, Any] = {"heartbeat_interval": max(1, int(LEASE_SECONDS / 4)),
+                              "grace_period": max(2, int(LEASE_SECONDS)),
+                              argument: retry(max_retry=MAX_RETRY)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     for attempt in range(6):
@@ -122,7 +116,7 @@ def _creation_lock(url: str) -> Iterator[None]:
 def open_study(storage_url: str, name: str, fixed: dict[str, Any], sampler_seed: int | None) -> Any:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported in our own words
     with _creation_lock(storage_url):  # workers starting together create the file and study once
         study = optuna.create_study(
             storage=make_storage(storage_url), study_name=name, direction="maximize", load_if_exists=True,
@@ -144,54 +138,41 @@ def _counted_states() -> tuple[Any, ...]:
 
 
 def _fail_dead_trials(study: Any) -> int:
-    """Fail the running trials whose worker is gone (a dead pid on this host, or a lease not renewed
-    for LEASE_SECONDS) and queue each again with its parameters; returns how many."""
+    """Fail the running trials that no worker will finish and queue each again with its parameters
+    (the same retry as Optuna's heartbeat check, which covers owners on other hosts): an owner on this
+    host that is gone is seen at once; a trial that never had an owner (left by a process killed
+    between asking for it and starting it) once the lease has passed. Returns how many."""
     from optuna.trial import TrialState
 
     host, now, failed = socket.gethostname(), time.time(), 0
+    retry = retry_callback()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(t.user_attrs.get("owner", ""))
         started = t.datetime_start.timestamp() if t.datetime_start else now
-        beat = float(t.user_attrs.get("heartbeat", started))
         o_host, _, pid = owner.rpartition(":")
-        dead = (o_host == host and pid.isdigit() and not process_alive(int(pid))) or now - beat > LEASE_SECONDS
-        if not dead:
+        gone = o_host == host and pid.isdigit() and not process_alive(int(pid))
+        if not (gone or (not owner and now - started > LEASE_SECONDS)):
             continue
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {owner or '(none)'} gone")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         except Exception:  # another worker did it first
             continue
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-        failed += 1
+        frozen = next(f for f in study.get_trials(deepcopy=False) if f.number == t.number)
+        if frozen.state == TrialState.FAIL:
+            retry(study, frozen)
+            failed += 1
     return failed
 
 
-@contextlib.contextmanager
-def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
-    """Renew the trial's lease from a thread while it trains (an epoch may outlast the lease)."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(LEASE_SECONDS / 4):
-            try:
-                storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
-            except Exception:  # finished (or failed by another worker): nothing left to renew
-                return
-
-    thread = threading.Thread(target=beat, daemon=True, name="trial-heartbeat")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+def retried_from(trial: Any) -> int | None:
+    """The number of the trial that ``trial`` runs again, if it is a retry."""
+    return _retry_class()[0].retried_trial_number(trial)
 
 
 # --- the objective ---------------------------------------------------------------------------------
-def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> float:
-    """Train one configuration; report per-epoch validation accuracy; return the final
-    validation accuracy of the selected checkpoint."""
+def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space, report_epochs: bool = True) -> float:
+    """Train one configuration; report per-epoch validation accuracy (pruning on it); return the
+    final validation accuracy of the selected checkpoint."""
     import optuna
 
     from benchmark.runner import execute, prepare
@@ -200,13 +181,11 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
     cfg = build_config({"diagnostics": False, **fixed, **params})  # trials are judged on validation only
     run = prepare(cfg, data)
     step = 0
-    storage = trial.study._storage
 
     def on_epoch_end(row: dict[str, Any]) -> None:
         nonlocal step
-        storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
         value = row.get("val_accuracy")
-        if isinstance(value, float) and math.isfinite(value):
+        if report_epochs and isinstance(value, float) and math.isfinite(value):
             trial.report(value, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {value:.4f} at step {step}")
@@ -216,23 +195,97 @@ def run_trial(trial: Any, fixed: dict[str, Any], data: Any, space: Space) -> flo
     return float(record["metrics"]["val_accuracy"])
 
 
+# A study may average several runs per trial (tune --datasets/--seeds): the lists ride in the
+# study's fixed settings under these keys, next to the first run's dataset and seed.
+CELL_KEYS = ("datasets", "seeds")
+
+
+def trial_cells(fixed: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """The settings every run of a trial shares, and its (dataset, seed) runs."""
+    base = {k: v for k, v in fixed.items() if k not in CELL_KEYS}
+    datasets = list(fixed.get("datasets") or [fixed["dataset"]])
+    seeds = [int(x) for x in fixed.get("seeds") or [fixed.get("seed", 0)]]
+    return base, [(d, s) for d in datasets for s in seeds]
+
+
+def trial_value(trial: Any, fixed: dict[str, Any], datas: dict[str, Any], space: Space) -> float:
+    """One run: its validation accuracy, pruned per epoch. Several (datasets x seeds): their mean,
+    reported (and pruned on) after each run."""
+    import optuna
+
+    base, cells = trial_cells(fixed)
+    if len(cells) == 1:
+        (dataset, seed), = cells
+        return run_trial(trial, {**base, "dataset": dataset, "seed": seed}, datas[dataset], space)
+    values = []
+    for step, (dataset, seed) in enumerate(cells):
+        values.append(run_trial(trial, {**base, "dataset": dataset, "seed": seed}, datas[dataset], space,
+                                report_epochs=False))
+        mean = sum(values) / len(values)
+        trial.report(mean, step)
+        if step + 1 < len(cells) and trial.should_prune():
+            raise optuna.TrialPruned(f"mean validation accuracy {mean:.4f} after {step + 1} runs")
+    return sum(values) / len(values)
+
+
+class SurplusTrial(Exception):
+    """A trial asked for after the budget was taken by other workers: failed, never counted."""
+
+
 def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, sampler_seed: int | None,
          quiet: bool = False) -> int:
     """Run trials until the study has ``trials`` completed or pruned ones; returns how many this
-    process finished."""
+    process finished. Trials run through ``study.optimize`` (Optuna's heartbeat and retry of dead
+    workers' trials); the budget is exact: a trial asked for once the budget is taken is given back."""
     import optuna
     from optuna.trial import TrialState
 
     from benchmark.data import create_dataset
 
     study = open_study(storage_url, study_name, fixed, sampler_seed)
-    cfg = build_config(fixed)
-    data = create_dataset(cfg.dataset, cfg.dataset_options)
+    base, cells = trial_cells(fixed)
+    datas = {}
+    for dataset, _ in cells:
+        if dataset not in datas:
+            cfg = build_config({**base, "dataset": dataset})
+            datas[dataset] = create_dataset(dataset, cfg.dataset_options)
     space = search_space(cfg.method)
     owner = f"{socket.gethostname()}:{os.getpid()}"
-    done = failures = 0
     counted = _counted_states()
-    while failures <= trials:
+    tally = {"done": 0, "failures": 0}
+
+    def objective(trial: Any) -> float:
+        trial.set_user_attr("owner", owner)
+        ahead = [t for t in study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
+        if len(ahead) >= trials:  # another worker took the last trial first
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise SurplusTrial(f"the budget of {trials} trials is taken")
+        try:
+            return trial_value(trial, fixed, datas, space)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a refused value, a diverged run or a bug: recorded, the study goes on
+            trial.set_user_attr("error", str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}")
+            raise
+
+    def after(study: Any, trial: Any) -> None:
+        seconds = (trial.duration.total_seconds() if trial.duration else 0.0)
+        if trial.state == TrialState.COMPLETE:
+            tally["done"] += 1
+            _say(quiet, f"trial {trial.number}: validation accuracy {trial.value:.4f} {trial.params} "
+                        f"{seconds:.1f}s")
+        elif trial.state == TrialState.PRUNED:
+            tally["done"] += 1
+            _say(quiet, f"trial {trial.number} pruned {seconds:.1f}s")
+        elif trial.state == TrialState.FAIL and not trial.user_attrs.get("surplus"):
+            tally["failures"] += 1
+            _say(quiet, f"trial {trial.number} failed: {trial.user_attrs.get('error', '')}")
+            if tally["failures"] > trials:
+                study.stop()
+
+    budget = optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    while tally["failures"] <= trials:
         _fail_dead_trials(study)
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) >= trials:
             break
@@ -240,50 +293,8 @@ def work(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int, 
                 and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
             time.sleep(POLL_SECONDS)  # other workers run the last trials: wait for them or their lease
             continue
-        trial = study.ask()
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "owner", owner)
-            study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # taken as dead by another worker: ask again
-        ahead = [t for t in study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
-        if len(ahead) >= trials:  # another worker took the last trial first: give this number back
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        t0 = time.perf_counter()
-        try:
-            with _heartbeat(study._storage, trial._trial_id):
-                value = run_trial(trial, fixed, data, space)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: give the trial back, then stop
-            with contextlib.suppress(Exception):
-                trial.set_user_attr("error", "interrupted")
-                study.tell(trial, state=TrialState.FAIL)
-            raise
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # failed by another worker that took this one as dead
-        except optuna.TrialPruned as exc:
-            study.tell(trial, state=TrialState.PRUNED)
-            done += 1
-            _say(quiet, f"trial {trial.number} pruned ({exc}) {time.perf_counter() - t0:.1f}s")
-            continue
-        except UsageError as exc:  # a suggested value the method refuses
-            trial.set_user_attr("error", str(exc))
-            study.tell(trial, state=TrialState.FAIL)
-            failures += 1
-            _say(quiet, f"trial {trial.number} failed: {exc}")
-            continue
-        except Exception as exc:  # diverged (non-finite loss) or a bug: recorded, the study goes on
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-            study.tell(trial, state=TrialState.FAIL)
-            failures += 1
-            _say(quiet, f"trial {trial.number} failed: {type(exc).__name__}: {exc}")
-            continue
-        study.tell(trial, value)
-        done += 1
-        _say(quiet, f"trial {trial.number}: validation accuracy {value:.4f} {trial.params} "
-                    f"{time.perf_counter() - t0:.1f}s")
-    return done
+        study.optimize(objective, callbacks=[budget, after], catch=(Exception,), gc_after_trial=False)
+    return tally["done"]
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -359,14 +370,20 @@ def tune_command(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
         raise UsageError("--method needs at least one method name")
+    datasets = _names(args.datasets, "--datasets") if args.datasets else [args.dataset]
+    seeds = [_seed(x) for x in _names(args.seeds, "--seeds")] if args.seeds else [args.seed]
     fixed_by_method = {}
     for method in methods:
         fixed: dict[str, Any] = parse_assignments(args.assignments)
-        fixed.update(method=method, dataset=args.dataset, seed=args.seed)
+        fixed.update(method=method, dataset=datasets[0], seed=seeds[0])
         if args.epochs is not None:
             fixed["epochs"] = args.epochs
         fixed.setdefault("probe", False)  # trials are judged on validation accuracy only
-        prepare(build_config(fixed))  # every name and value checked before any study is touched
+        if len(datasets) > 1 or len(seeds) > 1:
+            fixed.update(datasets=datasets, seeds=seeds)
+        base, cells = trial_cells(fixed)
+        for dataset, seed in cells:  # every name and value checked before any study is touched
+            prepare(build_config({**base, "dataset": dataset, "seed": seed}))
         fixed_by_method[method] = fixed
     if not str(args.out).strip():
         raise UsageError("--out is empty; give a folder for the best-parameter file")
@@ -382,10 +399,24 @@ def tune_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} is not writable; choose another folder")
     storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     for method, fixed in fixed_by_method.items():
-        name = f"{method}-{args.dataset}" if not args.study else (
+        name = f"{method}-{'+'.join(datasets)}" if not args.study else (
             args.study if len(methods) == 1 else f"{args.study}-{method}")
         _tune_one(args, method, fixed, storage_url, name, out)
     return 0
+
+
+def _names(text: str, flag: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise UsageError(f"{flag} needs at least one comma-separated value")
+    return names
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--seeds takes whole numbers, got {text!r}") from None
 
 
 def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], storage_url: str, name: str,
@@ -404,18 +435,23 @@ def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], stor
         try:
             for proc in procs:
                 proc.join()
-        finally:  # Ctrl-C or an error here: the workers end with us (their trials are given back)
+        finally:  # Ctrl-C or an error here: the workers end before us (their trials are given back)
             for proc in procs:
                 if proc.is_alive():
                     proc.terminate()
             for proc in procs:
-                proc.join(timeout=10)
+                proc.join(timeout=30)
+                if proc.is_alive():  # stuck giving its trial back: its lease will expire instead
+                    proc.kill()
+                    proc.join(timeout=10)
         if any(proc.exitcode == 2 for proc in procs):
             raise UsageError(f"the workers of study {name!r} stopped on an error (above)")
     _wait_for_running(study)  # so that every worker writes the same, final best parameters
-    path = best_file(out, method, args.dataset)
-    best = write_best(study, path, fixed, storage_url)
+    datasets = list(fixed.get("datasets") or [fixed["dataset"]])
+    for dataset in datasets:  # one file per dataset, which `sweep --tuned` applies to its runs
+        path = best_file(out, method, dataset)
+        best = write_best(study, path, {**fixed, "dataset": dataset}, storage_url)
     counts = best["trials"]
-    print(f"tune {method} on {args.dataset}: study {name!r} has {counts['complete']} complete, "
+    print(f"tune {method} on {'+'.join(datasets)}: study {name!r} has {counts['complete']} complete, "
           f"{counts['pruned']} pruned, {counts['fail']} failed trials; best validation accuracy "
           f"{best['val_accuracy']:.4f} with {best['params']} ({time.perf_counter() - t0:.0f}s) → {path}")

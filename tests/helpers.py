@@ -68,3 +68,12 @@ def assert_same_run(a: dict, b: dict) -> None:
     for row_a, row_b in zip(a["history"], b["history"], strict=True):
         assert row_a["train_loss"] == row_b["train_loss"]
         assert row_a["val_accuracy"] == row_b["val_accuracy"]
+
+
+def wide_mlp(monkeypatch) -> str:
+    """An encoder that reads vectors but gives 256 features (the built-in mlp gives 128)."""
+    from benchmark.models.encoders import MLPEncoder
+    from benchmark.registry import ENCODERS
+
+    monkeypatch.setitem(ENCODERS._entries, "wide_mlp", lambda spec: MLPEncoder(spec, hidden=256))
+    return "wide_mlp"

@@ -491,7 +491,7 @@ def test_orphan_running_trial_is_failed_and_retried(tmp_path, monkeypatch):
     study = optuna.load_study(study_name="s", storage=url)
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == orphan.number]
+    retry = [t for t in trials if tune.retried_from(t) == orphan.number]
     assert len(retry) == 1 and retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retry[0].params == trials[orphan.number].params
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2  # not one short
@@ -576,6 +576,9 @@ def test_ctrl_c_of_tune_with_two_jobs_prints_one_line(tmp_path):
             proc.wait(timeout=30)
     assert proc.returncode == 130
     assert err.strip() == "error: interrupted", err
+    deadline = time.monotonic() + 20  # helper processes (the resource tracker) follow their parent
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(_alive(p) for p in workers)
     study = optuna.load_study(study_name="joint-synthetic", storage=f"sqlite:///{tmp_path / 'tuned' / 'optuna.db'}")
     assert not study.get_trials(states=(TrialState.RUNNING,))  # the workers gave their trials back

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_same_run, guard_steps
+from helpers import assert_same_run, guard_steps, wide_mlp
 
 from baselines.mcr import ALL, MCR, supervised_nt_xent
 from benchmark.cli import main
@@ -189,13 +189,13 @@ def test_unimodal_initialisation_trains_then_reuses_checkpoints(tiny: dict, tmp_
     assert uni["method_record"]["unimodal"]["m0"]["reused"] is True
 
 
-def test_options_are_checked(tiny: dict) -> None:
+def test_options_are_checked(tiny: dict, monkeypatch) -> None:
     for key, value, word in (("game", "selfish", "game"), ("init", "imagenet", "init"),
                              ("num_permutations", "0", "num_permutations"), ("lambda_m", "-1", "lambda_m")):
         with pytest.raises(UsageError, match=word):
             prepare(build_config(dict(tiny, method="mcr", **{f"method.{key}": value})))
     with pytest.raises(UsageError, match="contrastive_weight"):
-        prepare(build_config(dict(tiny, method="mcr", **{"encoder.m1": "resnet18_audio"})))
+        prepare(build_config(dict(tiny, method="mcr", **{"encoder.m1": wide_mlp(monkeypatch)})))
 
 
 def test_command_line_sets_and_records_the_options(tmp_path, capsys) -> None:

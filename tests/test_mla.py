@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import guard_steps, host_syncs
+from helpers import guard_steps, host_syncs, wide_mlp
 
 from baselines.mla import MLA, OWMProjector, entropy_weights
 from benchmark.cli import main
@@ -197,13 +197,13 @@ def test_fixed_fusion_averages() -> None:
     torch.testing.assert_close(_mla("fixed", "sample").fuse(LOGITS), (LOGITS["m0"] + LOGITS["m1"]) / 2)
 
 
-def test_bad_options_and_unequal_feature_sizes_are_refused(tiny: dict) -> None:
+def test_bad_options_and_unequal_feature_sizes_are_refused(tiny: dict, monkeypatch) -> None:
     with pytest.raises(UsageError, match="entropy"):
         prepare(build_config(dict(tiny, method="mla", **{"method.entropy": "token"})))
     with pytest.raises(UsageError, match="fusion"):
         prepare(build_config(dict(tiny, method="mla", **{"method.fusion": "mean"})))
     with pytest.raises(UsageError, match="feature size"):
-        prepare(build_config(dict(tiny, method="mla", **{"encoder.m1": "resnet18_audio"})))
+        prepare(build_config(dict(tiny, method="mla", **{"encoder.m1": wide_mlp(monkeypatch)})))
 
 
 def test_projection_switch_changes_training_and_is_recorded(tiny: dict) -> None:

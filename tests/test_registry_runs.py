@@ -60,6 +60,7 @@ SPECS = {
     "seq_transformer": ModalitySpec("x", "sequence", (6, 12), "seq_transformer"),
     "text_transformer": TokenSpec("x", "tokens", (10,), "text_transformer", vocab_size=50),
     "bert": TokenSpec("x", "tokens", (10,), "bert", features=16),  # its folder is written by the test
+    "cgmnist_cnn": ModalitySpec("x", "image", (3, 28, 28), "cgmnist_cnn"),
 }
 
 

@@ -17,7 +17,7 @@ from benchmark.cli import main
 from benchmark.config import build_config
 from benchmark.data import create_dataset
 from benchmark.store import read_record
-from benchmark.tune import SEARCH_SPACES, run_trial, work
+from benchmark.tune import run_trial, search_space, work
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "dataset.n_train=160", "--set", "dataset.n_val=48", "--set", "dataset.n_test=48",
@@ -74,7 +74,7 @@ def test_pruning_stops_a_trial_at_the_epoch_it_is_told_to(monkeypatch):
     cfg = build_config(FIXED)
     data = create_dataset(cfg.dataset, cfg.dataset_options)
     with pytest.raises(optuna.TrialPruned, match="step 0"):
-        run_trial(trial, FIXED, data, SEARCH_SPACES["joint"])
+        run_trial(trial, FIXED, data, search_space("joint"))
     assert list(study.trials[0].intermediate_values) == [0]
 
 
@@ -102,3 +102,66 @@ def test_tune_bad_input(tmp_path, capsys):
     # the same study resumed with other fixed settings is refused
     assert main(["tune", "--method", "joint", "--trials", "2", "--out", str(out), "--quiet", *TINY[:-1], "3"]) == 2
     assert "other fixed settings" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(400)
+def test_a_worker_killed_mid_trial_is_failed_and_retried_by_the_next(tmp_path):
+    """The scenario `nox -s cluster` runs on PostgreSQL, here on SQLite."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import cluster
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    message = cluster.killed_worker_is_retried(f"sqlite:///{tmp_path / 'k.db'}", tmp_path)
+    assert "retried as" in message
+
+
+def test_no_private_optuna_attribute_is_used():
+    offenders = [f"{path.relative_to(ROOT)}:{i}" for folder in ("benchmark", "baselines", "udi", "tools")
+                 for path in (ROOT / folder).rglob("*.py")
+                 for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if "._storage" in line or "._trial_id" in line]
+    assert not offenders, offenders
+
+
+def test_a_trial_averages_its_seeds_and_datasets(tmp_path):
+    from benchmark.tune import trial_value
+
+    fixed = {**FIXED, "datasets": ["synthetic"], "seeds": [0, 1]}
+    data = {"synthetic": create_dataset("synthetic", build_config(FIXED).dataset_options)}
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    value = trial_value(trial, fixed, data, search_space("joint"))
+    params = study.trials[0].params
+    singles = [run_trial(optuna.trial.FixedTrial(params), {**FIXED, "seed": seed}, data["synthetic"],
+                         search_space("joint"), report_epochs=False) for seed in (0, 1)]
+    assert singles[0] != singles[1]  # two seeds really ran
+    assert value == pytest.approx(sum(singles) / 2)
+    assert list(study.trials[0].intermediate_values) == [0, 1]  # reported after each run
+
+
+def test_tune_over_seeds_writes_the_study_and_a_sweep_warns_about_another_budget(tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(["tune", "--method", "joint", "--trials", "1", "--seeds", "0,1", "--out", str(out), "--quiet",
+                 *TINY]) == 0
+    best = json.loads((out / "synthetic-joint.json").read_text())
+    assert best["fixed"]["seeds"] == [0, 1] and best["study"] == "joint-synthetic"
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('seeds = [0]\n[settings]\nepochs = 3\nbatch_size = 32\nprobe = false\n[datasets.synthetic]\n'
+                     'settings = { "dataset.n_train" = 160, "dataset.n_val" = 48, "dataset.n_test" = 48 }\n'
+                     '[methods.joint]\n')
+    capsys.readouterr()
+    assert main(["sweep", str(sweep), "--store", str(tmp_path / "store"), "--tuned", str(out), "--list"]) == 0
+    err = capsys.readouterr().err
+    assert "tuned with epochs 2 (sweep: 3)" in err
+
+
+def test_every_method_declares_a_search_space_that_tune_accepts():
+    from benchmark.registry import METHODS, list_methods
+
+    for name in list_methods():
+        trial = optuna.create_study(direction="maximize").ask()
+        assignments = search_space(name)(trial)
+        assert {"lr", "weight_decay"} <= set(assignments)
+        build_config({"method": name, "dataset": "synthetic", **assignments})  # every key is a real option
+        assert search_space(name) == METHODS.get(name).search_space

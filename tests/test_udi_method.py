@@ -101,7 +101,9 @@ def test_record_holds_anchor_choice_and_controller_trace_on_three_modalities(tin
     acc = facts["unimodal_val_accuracy"]
     assert set(acc) == {"m0", "m1", "m2"} and set(facts["unimodal_val_entropy"]) == set(acc)
     assert acc[facts["anchor"]] >= max(acc.values()) - 0.005
-    assert facts["followers"] == [m for m in ("m0", "m1", "m2") if m != facts["anchor"]]
+    assert sorted(facts["followers"]) == [m for m in ("m0", "m1", "m2") if m != facts["anchor"]]
+    assert facts["followers"] == facts["follower_order"]  # progressive: by validation accuracy, best first
+    assert [acc[m] for m in facts["followers"]] == sorted((acc[m] for m in facts["followers"]), reverse=True)
     assert facts["reused"] == {"m0": False, "m1": False, "m2": False}
     for m in facts["followers"]:
         trace = facts["controller"]["trace"][m]

@@ -10,7 +10,7 @@ Checks:
      store: one ok record per planned run, each written by a SLURM job;
   2. a `tune` study stored in PostgreSQL, worked by two processes: the study holds the requested
      number of finished trials, from both workers;
-  3. a tuning worker killed mid-trial: its trial is failed and retried by the other worker.
+  3. a tuning worker killed mid-trial: its trial is failed and retried by the next worker.
 
 Usage: python tools/cluster.py [--keep] [--timeout SECONDS]
 The Debian packages slurm-wlm, munge and postgresql are installed when absent (root only).
@@ -271,6 +271,49 @@ def check_tune(url: str, base: Path, trials: int = 4) -> str:
     return f"{len(finished)} trials, {len(owners)} workers"
 
 
+def killed_worker_is_retried(url: str, base: Path, lease: int = 6) -> str:
+    """A tuning worker killed mid-trial: its trial is failed and run again, with the same parameters,
+    by the next worker, within the lease. Raises ClusterError otherwise."""
+    import optuna
+    from optuna.trial import TrialState
+
+    import benchmark.tune as tune
+
+    args = ["tune", "--method", "joint", "--dataset", "synthetic", "--study", "killed", "--storage", url,
+            "--out", str(base / "killed"), "--epochs", "40", "--quiet", "--sampler-seed", "0",
+            "--set", "dataset.n_train=128", "--set", "dataset.n_val=32", "--set", "dataset.n_test=32",
+            "--set", "batch_size=32", "--set", "probe=false"]
+    env = dict(os.environ, BMB_TUNE_LEASE=str(lease), OMP_NUM_THREADS="1")
+    victim = subprocess.Popen([sys.executable, "-m", "benchmark", *args, "--trials", "2"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def running() -> bool:
+            try:
+                study = optuna.load_study(study_name="killed", storage=url)
+            except Exception:  # not created yet
+                return False
+            return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+        wait_for("the first tuning worker's trial", running, 120)
+    finally:
+        victim.kill()
+        victim.wait(timeout=30)
+    killed = optuna.load_study(study_name="killed", storage=url).get_trials(states=(TrialState.RUNNING,))[0]
+    t0 = time.monotonic()
+    bench(*args, "--trials", "2", env=env, timeout=300)
+    seconds = time.monotonic() - t0
+    trials = optuna.load_study(study_name="killed", storage=url).get_trials()
+    after = next(t for t in trials if t.number == killed.number)
+    retries = [t for t in trials if tune.retried_from(t) == killed.number]
+    if after.state != TrialState.FAIL or len(retries) != 1 or retries[0].params != killed.params:
+        raise ClusterError(f"killed trial {killed.number}: {after.state.name}, {len(retries)} retries")
+    if retries[0].state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise ClusterError(f"the retry of trial {killed.number} ended {retries[0].state.name}")
+    say(f"killed worker: trial {killed.number} failed and retried as trial {retries[0].number} "
+        f"by the next worker ({seconds:.0f} s, lease {lease} s)")
+    return f"trial {killed.number} retried as {retries[0].number}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) afterwards")
@@ -284,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         with slurm_cluster(base) as env, postgres_server(base) as url:
             sweep = check_slurm_sweep(env, base, args.timeout)
             study = check_tune(url, base)
-        say(f"passed in {time.perf_counter() - t0:.0f} s: sweep {sweep}; study {study}")
+            retried = killed_worker_is_retried(url, base)
+        say(f"passed in {time.perf_counter() - t0:.0f} s: sweep {sweep}; study {study}; {retried}")
         return 0
     except (ClusterError, subprocess.SubprocessError, OSError) as exc:
         detail = exc.stderr.decode(errors="replace").strip() if isinstance(

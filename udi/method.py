@@ -1,12 +1,15 @@
 """``udi``: Unidirectional Dynamic Interaction (Wang et al., arXiv 2509.02281).
 
 Phase 1 trains every modality alone (exactly the ``unimodal`` baseline's training, reusing its
-cached checkpoints) and picks the anchor; phase 2 trains each other modality (a follower) with
+cached checkpoints) and picks the anchor; phase 2 trains each other modality (a follower) in turn
+with
 
-    L_m = CE(z_m, y) + λ_con · JS(p_a ‖ p_m) + λ_com · Î_CLUB(f_a; f_m)
+    L_m = CE(z_m, y) + λ_con · JS(p_g ‖ p_m) + λ_com · mean_g Î_CLUB(f_g; f_m)
 
-against the frozen anchor, the weights set by the dynamic controller or fixed. Prediction is a
-late fusion of every modality's head. See docs/udi.md for every choice and option.
+against its frozen guides g: the anchor, and with ``guidance=progressive`` (three or more
+modalities, App. A.2) every follower trained before it, p_g then being their fused prediction. The
+weights are set by the dynamic controller or fixed. Prediction is a late fusion of every
+modality's head. See docs/udi.md for every choice and option.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
 from benchmark.late_fusion import FUSION_RULES, fuse
 from benchmark.losses import entropy, js_divergence
-from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext
+from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext, shared_search_space
 from benchmark.registry import register_method
 from benchmark.trainer import Trainer
 from benchmark.unimodal import UnimodalModel, build_unimodal, seed_key, train_unimodal, unimodal_eval
@@ -36,6 +39,7 @@ from udi.club import CLUB_MODES, CLUBEstimator, club_upper_bound
 from udi.controller import DynamicController
 
 CLUB_DIRECTIONS = ("follower_given_anchor", "anchor_given_follower")
+CONTROLLER_TASKS = ("follower_ce", "fused_ce")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -56,7 +60,12 @@ class UDIOptions:
     lambda_com: float = opt(0.5, "weight of the complementarity (CLUB) term: the static weight, and the "
                                  "dynamic controller's initial weight")
     controller_every: str = opt("epoch", "when the dynamic controller recomputes the weights: epoch "
-                                         "(first mini-batch of each epoch) or an integer N (every N steps)")
+                                         "(first mini-batch of each epoch, the paper's text, Sec. 3.3), batch "
+                                         "(every mini-batch, Algorithm 1) or an integer N (every N steps)")
+    controller_task: str = opt("follower_ce", "the task loss whose gradient the controller aligns with: "
+                                              "follower_ce (the follower's own CE) or fused_ce (CE of the fused "
+                                              "prediction of the guides and the follower; gradient w.r.t. the "
+                                              "follower only)")
     controller_eps: float = opt(1e-12, "epsilon in lambda_k = s_k / (s_con + s_com + eps)")
     club_mode: str = opt("all_pairs", "CLUB bound: all_pairs (every sample of the batch as a "
                                       "negative) or sampled (one random negative per sample)")
@@ -65,6 +74,13 @@ class UDIOptions:
     club_hidden: int = opt(64, "hidden units of each of the CLUB estimator's two MLPs (mean, log-variance)")
     club_optimizer: str = opt("adam", "optimizer of the CLUB estimator: adam or sgd")
     club_lr: float = opt(1e-3, "learning rate of the CLUB estimator's optimizer")
+    con_reduction: str = opt("mean", "batch reduction of the JS term: mean (scale-consistent with the CE) "
+                                     "or sum (Eq. 5 as written)")
+    guidance: str = opt("progressive", "what guides the k-th follower when there are 3 or more modalities: "
+                                       "progressive (the fused prediction and the features of every modality "
+                                       "trained before it, App. A.2) or anchor (the anchor alone)")
+    order: str = opt("auto", "follower training order: auto (progressive: by unimodal validation accuracy, "
+                             "best first; anchor: the dataset's order) or the followers comma-separated")
     fusion_rule: str = opt("logit_sum", "test-time late fusion of the heads: logit_sum, prob_mean or entropy")
     follower_init: str = opt("scratch", "follower initialisation: scratch (fresh weights, as the unimodal "
                                         "baseline) or unimodal (its phase-1 weights)")
@@ -73,7 +89,9 @@ class UDIOptions:
 
     def every(self) -> int | None:
         """The controller's period in steps, or None for once per epoch."""
-        return None if self.controller_every == "epoch" else int(self.controller_every)
+        if self.controller_every == "epoch":
+            return None
+        return 1 if self.controller_every == "batch" else int(self.controller_every)
 
     def validate(self) -> None:
         if not self.anchor:
@@ -83,13 +101,13 @@ class UDIOptions:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"method.{name} must be a finite number >= 0, got {value}")
-        if self.controller_every != "epoch":
+        if self.controller_every not in ("epoch", "batch"):
             try:
                 every = int(self.controller_every)
             except ValueError:
                 every = 0
             if every < 1:
-                raise UsageError(f"method.controller_every must be epoch or an integer >= 1, "
+                raise UsageError(f"method.controller_every must be epoch, batch or an integer >= 1, "
                                  f"got {self.controller_every!r}")
             self.controller_every = str(every)
         if not (self.controller_eps > 0 and math.isfinite(self.controller_eps)):
@@ -101,6 +119,11 @@ class UDIOptions:
             raise UsageError(f"method.club_hidden must be >= 1, got {self.club_hidden}")
         if not (self.club_lr > 0 and math.isfinite(self.club_lr)):
             raise UsageError(f"method.club_lr must be > 0, got {self.club_lr}")
+        _choice("controller_task", self.controller_task, CONTROLLER_TASKS)
+        _choice("con_reduction", self.con_reduction, ("mean", "sum"))
+        _choice("guidance", self.guidance, ("progressive", "anchor"))
+        if not self.order.strip():
+            raise UsageError("method.order must be auto or the followers comma-separated, got ''")
         _choice("fusion_rule", self.fusion_rule, FUSION_RULES)
         _choice("follower_init", self.follower_init, ("scratch", "unimodal"))
         _choice("select_on", self.select_on, ("fusion", "follower"))
@@ -135,8 +158,9 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 
 class FollowerPhase:
-    """The training of one follower against the frozen anchor: its model, CLUB estimator and
-    controller, and the :class:`Stage` the trainer runs."""
+    """The training of one follower against its frozen guides (the anchor alone, or with
+    ``guidance=progressive`` the anchor and every follower trained before it): its model, one CLUB
+    estimator per guide, the controller, and the :class:`Stage` the trainer runs."""
 
     def __init__(self, method: UDI, trainer: Trainer, modality: str, controller: str | None = None) -> None:
         opts, cfg = method.options, method.cfg
@@ -145,20 +169,18 @@ class FollowerPhase:
         self.modality = modality
         self.anchor_name = method.anchor
         self.anchor = method.model.units[method.anchor]
+        self.guides = method.guides_of(modality)
+        self.guide_models = {g: method.model.units[g] for g in self.guides}
         self.device = trainer.device
         self.follower = build_unimodal(method, modality)
         if opts.follower_init == "unimodal":
             self.follower.load_state_dict(method.phase1[modality].state_dict())
         self.follower.to(self.device)
-        a_dim, m_dim = self.anchor.encoder.out_dim, self.follower.encoder.out_dim
-        x_dim, y_dim = (a_dim, m_dim) if opts.club_direction == "follower_given_anchor" else (m_dim, a_dim)
-        with seeded(cfg.seed, f"udi/club/{modality}"):
-            self.club = CLUBEstimator(x_dim, y_dim, opts.club_hidden)
-        self.club.to(self.device)
-        if opts.club_optimizer == "adam":
-            self.club_opt: torch.optim.Optimizer = torch.optim.Adam(self.club.parameters(), lr=opts.club_lr)
-        else:
-            self.club_opt = torch.optim.SGD(self.club.parameters(), lr=opts.club_lr, momentum=0.9)
+        self.clubs: list[CLUBEstimator] = []
+        self.club_opts: list[torch.optim.Optimizer] = []
+        for guide in self.guides:
+            self._add_estimator(guide)
+        self.club, self.club_opt = self.clubs[0], self.club_opts[0]  # the anchor's pair
         # on the training device, so that a sampled negative needs no host-to-device copy per step
         self.negatives = torch.Generator(device=self.device)
         self.negatives.manual_seed(derive_seed(cfg.seed, f"udi/club-negatives/{modality}"))
@@ -170,6 +192,23 @@ class FollowerPhase:
         self.controller_seconds = 0.0
         self.frozen = [self.anchor] + [method.model.units[f] for f in method.trained_followers]
 
+    def _add_estimator(self, guide: str) -> None:
+        """q_φ for the pair (guide, follower), with its own optimizer. The anchor's estimator keeps
+        the seed stream it always had, so that a run guided by the anchor alone is unchanged."""
+        opts, cfg = self.method.options, self.method.cfg
+        g_dim, m_dim = self.guide_models[guide].encoder.out_dim, self.follower.encoder.out_dim
+        x_dim, y_dim = (g_dim, m_dim) if opts.club_direction == "follower_given_anchor" else (m_dim, g_dim)
+        key = f"udi/club/{self.modality}" if guide == self.anchor_name else f"udi/club/{guide}/{self.modality}"
+        with seeded(cfg.seed, key):
+            club = CLUBEstimator(x_dim, y_dim, opts.club_hidden)
+        club.to(self.device)
+        if opts.club_optimizer == "adam":
+            optimizer: torch.optim.Optimizer = torch.optim.Adam(club.parameters(), lr=opts.club_lr)
+        else:
+            optimizer = torch.optim.SGD(club.parameters(), lr=opts.club_lr, momentum=0.9)
+        self.clubs.append(club)
+        self.club_opts.append(optimizer)
+
     # --- the losses -------------------------------------------------------------------------
     def _club_pair(self, f_a: torch.Tensor, f_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditioning side, predicted side) of the CLUB estimator."""
@@ -177,52 +216,75 @@ class FollowerPhase:
             return f_a, f_m
         return f_m, f_a
 
-    def fit_estimator(self, f_a: torch.Tensor, f_m: torch.Tensor) -> torch.Tensor:
-        """One optimizer step of q_φ on the detached features; returns its negative log-likelihood."""
+    def fit_estimator(self, f_a: torch.Tensor, f_m: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """One optimizer step of the k-th guide's q_φ on the detached features; returns its
+        negative log-likelihood."""
+        club, optimizer = self.clubs[k], self.club_opts[k]
         x, y = self._club_pair(f_a.detach().float(), f_m.detach().float())
         with _no_autocast(self.device), torch.enable_grad():
-            self.club_opt.zero_grad(set_to_none=True)
-            nll = self.club.learning_loss(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            nll = club.learning_loss(x, y)
             nll.backward()
-            self.club_opt.step()
+            optimizer.step()
         return nll.detach()
 
-    def complementarity(self, f_a: torch.Tensor, f_m: torch.Tensor) -> torch.Tensor:
-        """Î_CLUB(f_a; f_m) with the estimator held fixed: its gradient reaches the follower only."""
+    def complementarity(self, f_a: torch.Tensor, f_m: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """Î_CLUB(f_g; f_m) of the k-th guide with its estimator held fixed: the gradient reaches
+        the follower only."""
         opts = self.method.options
+        club = self.clubs[k]
         x, y = self._club_pair(f_a.float(), f_m.float())
         with _no_autocast(self.device):
             if opts.club_direction == "follower_given_anchor":
-                with torch.no_grad():  # μ(f_a), σ(f_a) depend on neither the follower nor φ's update
-                    mu, logvar = self.club(x)
+                with torch.no_grad():  # μ(f_g), σ(f_g) depend on neither the follower nor φ's update
+                    mu, logvar = club(x)
             else:
-                with _frozen(self.club):
-                    mu, logvar = self.club(x)
+                with _frozen(club):
+                    mu, logvar = club(x)
             return club_upper_bound(mu, logvar, y, mode=opts.club_mode, generator=self.negatives)
+
+    def guide_logits(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """The guides' prediction: one guide's own logits, or the guides fused by the test-time
+        rule (App. A.2: p_ab, the fused prediction of the modalities trained before)."""
+        return logits[0] if len(logits) == 1 else fuse(logits, self.method.options.fusion_rule)
+
+    def task_loss(self, cls: torch.Tensor, z_guides: list[torch.Tensor], z_m: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+        """The controller's task loss: the follower's CE, or the CE of the guides and the follower
+        fused (the guides carry no gradient, so it is taken w.r.t. the follower only)."""
+        if self.method.options.controller_task == "follower_ce":
+            return cls
+        return F.cross_entropy(fuse([*z_guides, z_m], self.method.options.fusion_rule), y)
 
     # --- the stage --------------------------------------------------------------------------
     def weights(self) -> tuple[float, float]:
         return self.controller.weights if self.controller is not None else self.static
 
     def step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        opts = self.method.options
         y = batch["label"]
         with torch.no_grad():
-            z_a, f_a = self.anchor(batch[self.anchor_name])
+            guided = [self.guide_models[g](batch[g]) for g in self.guides]
         z_m, f_m = self.follower(batch[self.modality])
         cls = F.cross_entropy(z_m, y)
-        con = js_divergence(z_a, z_m, from_logits=True)
-        club_nll = self.fit_estimator(f_a, f_m)
-        com = self.complementarity(f_a, f_m)
+        z_guides = [z for z, _ in guided]
+        con = js_divergence(self.guide_logits(z_guides), z_m, from_logits=True, reduction=opts.con_reduction)
+        nlls = [self.fit_estimator(f_g, f_m, k) for k, (_, f_g) in enumerate(guided)]
+        bounds = [self.complementarity(f_g, f_m, k) for k, (_, f_g) in enumerate(guided)]
+        com = bounds[0] if len(bounds) == 1 else torch.stack(bounds).mean()  # L_com = mean of the bounds
+        club_nll = nlls[0] if len(nlls) == 1 else torch.stack(nlls).mean()
         if self.controller is not None:
             if self.controller.due(ctx.step):
                 t0 = time.perf_counter()
-                self.controller.update(cls, con, com)
+                self.controller.update(self.task_loss(cls, z_guides, z_m, y), con, com)
                 self.controller_seconds += time.perf_counter() - t0
             self.controller.advance()
         lam_con, lam_com = self.weights()
         loss = cls + lam_con * con + lam_com * com
-        return {"loss": loss, "cls": cls.detach(), "con": con.detach(), "com": com.detach(),
-                "club_nll": club_nll}
+        out = {"loss": loss, "cls": cls.detach(), "con": con.detach(), "com": com.detach(), "club_nll": club_nll}
+        if len(bounds) > 1:  # each pair's bound, for the record
+            out.update({f"com:{g}": b.detach() for g, b in zip(self.guides, bounds)})
+        return out
 
     def predict(self, batch: Batch) -> torch.Tensor:
         if self.method.options.select_on == "follower":
@@ -264,6 +326,7 @@ class FollowerPhase:
 TRACE_KEYS = ("epoch", "train_loss", "train_cls", "train_con", "train_com", "train_club_nll", "lambda_con",
               "lambda_com", "ip_con", "ip_com", "controller_updates", "controller_kept_previous",
               "val_accuracy")
+PAIR_PREFIX = "train_com:"  # with several guides, each pair's CLUB bound: train_com:<guide>
 
 
 @register_method("udi")
@@ -272,22 +335,62 @@ class UDI(Method):
     Options = UDIOptions
     min_modalities = 2
 
+    @staticmethod
+    def search_space(trial: Any) -> dict[str, Any]:
+        return {**shared_search_space(trial),
+                "method.club_lr": trial.suggest_float("method.club_lr", 1e-4, 1e-2, log=True),
+                "method.club_hidden": trial.suggest_categorical("method.club_hidden", [32, 64, 128])}
+
     def check(self) -> None:
         anchor = self.options.anchor
         if anchor != "auto" and anchor not in self.modalities:
             raise UsageError(f"method.anchor {anchor!r} is not a modality of {self.info.name}; "
                              f"choose auto or one of {', '.join(self.modalities)}")
+        if self.options.order != "auto":
+            given = self.given_order()
+            unknown = [m for m in given if m not in self.modalities]
+            if unknown or len(set(given)) != len(given) or len(given) < len(self.modalities) - 1 or (
+                    anchor != "auto" and set(given) - {anchor} != set(self.modalities) - {anchor}):
+                raise UsageError(f"method.order {self.options.order!r} must list every follower of "
+                                 f"{self.info.name} once ({', '.join(self.modalities)}, the anchor may be left "
+                                 "out); or use auto")
+
+    def given_order(self) -> list[str]:
+        return [m.strip() for m in self.options.order.split(",") if m.strip()]
 
     def build(self) -> nn.Module:
         self.model = UDIModel({m: build_unimodal(self, m) for m in self.modalities})
         self.anchor: str = ""
         self.phase1: dict[str, UnimodalModel] = {}
         self.trained_followers: list[str] = []
+        self.follower_order: list[str] = []
         return self.model
 
     @property
     def followers(self) -> list[str]:
-        return [m for m in self.modalities if m != self.anchor]
+        """The followers in training order (the dataset's order until the anchor phase sets it)."""
+        return self.follower_order or [m for m in self.modalities if m != self.anchor]
+
+    def order_followers(self, accuracy: dict[str, float]) -> tuple[list[str], str]:
+        """The training order of the followers and the rule that gave it: given, by validation
+        accuracy (best first, ties in the dataset's order; App. A.2), or the dataset's order."""
+        rest = [m for m in self.modalities if m != self.anchor]
+        if self.options.order != "auto":
+            given = [m for m in self.given_order() if m != self.anchor]
+            if sorted(given) != sorted(rest):
+                raise UsageError(f"method.order {self.options.order!r} does not list the followers of anchor "
+                                 f"{self.anchor} ({', '.join(rest)}); list them, or use auto")
+            return given, "given"
+        if self.options.guidance == "anchor":
+            return rest, "dataset order"
+        return sorted(rest, key=lambda m: (-accuracy[m], rest.index(m))), "validation accuracy"
+
+    def guides_of(self, modality: str) -> list[str]:
+        """The frozen modalities that guide ``modality``: the anchor, and with progressive
+        guidance every follower trained before it."""
+        if self.options.guidance == "anchor":
+            return [self.anchor]
+        return [self.anchor, *(m for m in self.trained_followers if m != modality)]
 
     # --- phase 1 ----------------------------------------------------------------------------
     def validation_stats(self, trainer: Trainer, models: dict[str, UnimodalModel]
@@ -307,10 +410,9 @@ class UDI(Method):
         accuracy, mean_entropy = self.validation_stats(trainer, self.phase1)
         choice = select_anchor(accuracy, mean_entropy, self.options.tie_tol, self.options.anchor)
         self.anchor = choice.anchor
+        self.follower_order, order_rule = self.order_followers(accuracy)
         anchor = self.phase1[self.anchor]
-        anchor.requires_grad_(False)
-        anchor.zero_grad(set_to_none=True)  # drop the last phase-1 gradients: none may reach it now
-        anchor.eval()
+        self.freeze(anchor)
         self.model.units[self.anchor] = anchor
         if self.options.follower_init == "unimodal":  # until trained, a follower is its phase-1 model
             for m in self.followers:
@@ -321,6 +423,8 @@ class UDI(Method):
             "anchor": self.anchor,
             "anchor_rule": choice.rule,
             "anchor_tied": choice.tied,
+            "follower_order": list(self.follower_order),
+            "order_rule": order_rule,
             "unimodal_val_accuracy": accuracy,
             "unimodal_val_entropy": mean_entropy,
             "unimodal": infos,
@@ -329,23 +433,35 @@ class UDI(Method):
 
     # --- phase 2 ----------------------------------------------------------------------------
     def follower_phase(self, trainer: Trainer) -> dict[str, Any]:
-        trace, stages = {}, {}
+        trace, stages, guides = {}, {}, {}
         for m in self.followers:
             phase = FollowerPhase(self, trainer, m)
+            guides[m] = list(phase.guides)
             result = trainer.fit(phase.stage())
-            phase.follower.eval()
+            self.freeze(phase.follower)
             self.model.units[m] = phase.follower
             self.trained_followers.append(m)
-            trace[m] = [{k: row.get(k) for k in TRACE_KEYS} for row in result.history]
+            trace[m] = [{**{k: row.get(k) for k in TRACE_KEYS},
+                         **{k: v for k, v in row.items() if k.startswith(PAIR_PREFIX)}} for row in result.history]
             stages[m] = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                          "epochs_run": result.epochs_run}
         opts = self.options
         return {
             "followers": list(self.followers),
+            "guidance": opts.guidance,
+            "guides": guides,
             "follower_stages": stages,
-            "controller": {"mode": opts.controller, "every": opts.controller_every,
+            "con_reduction": opts.con_reduction,
+            "controller": {"mode": opts.controller, "every": opts.controller_every, "task": opts.controller_task,
                            "initial": [opts.lambda_con, opts.lambda_com], "trace": trace},
         }
+
+    @staticmethod
+    def freeze(model: UnimodalModel) -> None:
+        """A trained modality guides the later ones and never changes again: no gradients, eval mode."""
+        model.requires_grad_(False)
+        model.zero_grad(set_to_none=True)  # drop its last training gradients
+        model.eval()
 
     def run(self, trainer: Trainer) -> dict[str, Any]:
         facts = self.anchor_phase(trainer)

@@ -7,7 +7,8 @@ Layout under the root::
     train.csv, test.csv                  rows "<clip>,<LABEL>", LABEL one of NEU HAP SAD FEA DIS ANG
 
 Audio recipe (OGM-GE): 22,050 Hz, tiled to ``audio_seconds`` (3 s), STFT n_fft 512 hop 353,
-log(|X| + 1e-7) → 1×257×188. Visual: ``frames`` evenly spaced frames (1 by default, as OGM-GE),
+log(|X| + 1e-7) → 1×257×188; ``audio_frames=N`` tiles the clip to (N − 1) · 353 samples instead,
+giving 1×257×N (299 in the UDI paper's setting, about 4.8 s). Visual: ``frames`` evenly spaced frames (1 by default, as OGM-GE),
 RandomResizedCrop + flip on train, Resize on val/test, ImageNet normalisation. The release has
 no validation list: it is carved from train (stratified, seeded) and written to the manifest.
 """
@@ -35,12 +36,20 @@ SAMPLE_RATE, N_FFT, HOP = 22050, 512, 353
 @dataclass
 class CremaDOptions(OnDiskOptions):
     audio_seconds: float = opt(3.0, "clip length the audio is tiled to (3 s gives 1×257×188)")
+    audio_frames: int = opt(0, "spectrogram time frames: 0 = what audio_seconds gives, N = the clip tiled "
+                               "to (N-1)*353 samples, giving 1x257xN (UDI's 257x299: 299)")
     frames_folder: str = opt("Image-01-FPS", "folder of the extracted frames under the root")
 
     def validate(self) -> None:
         super().validate()
         if not self.audio_seconds > 0:
             raise UsageError(f"dataset.audio_seconds must be > 0, got {self.audio_seconds}")
+        if self.audio_frames < 0 or self.audio_frames == 1:
+            raise UsageError(f"dataset.audio_frames must be 0 (from audio_seconds) or >= 2, got {self.audio_frames}")
+
+    def seconds(self) -> float:
+        """The length the clip is tiled to."""
+        return (self.audio_frames - 1) * HOP / SAMPLE_RATE if self.audio_frames else self.audio_seconds
 
 
 def read_label_csv(path: Path, classes: list[str]) -> list[Item]:
@@ -78,7 +87,7 @@ class CremaD(OnDiskDataset):
         return out
 
     def audio_frames(self) -> int:
-        return 1 + int(round(SAMPLE_RATE * self.options.audio_seconds)) // HOP
+        return 1 + int(round(SAMPLE_RATE * self.options.seconds())) // HOP
 
     def storage(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         s = self.options.stored_size
@@ -98,7 +107,7 @@ class CremaD(OnDiskDataset):
             raise UsageError(f"{folder} (listed in {item.listed_in}) has no .jpg frames; extract its frames "
                              "or remove its row")
         wave = read_wav(wav, SAMPLE_RATE)
-        spec = stft_log_spectrogram(wave, SAMPLE_RATE, self.options.audio_seconds, N_FFT, HOP)
+        spec = stft_log_spectrogram(wave, SAMPLE_RATE, self.options.seconds(), N_FFT, HOP)
         picked = [frames[i] for i in evenly_spaced(len(frames), self.options.frames)]
         return {"audio": spec.astype(np.float16), "visual": read_frames(picked, self.options.stored_size),
                 SOURCES: [wav, *picked]}

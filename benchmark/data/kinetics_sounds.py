@@ -8,6 +8,8 @@ Layout under the root::
 
 Audio recipe: kaldi filter banks (128 mel, Hanning window, 10 ms shift) of the 16 kHz mono clip,
 padded or cut to ``audio_frames`` (1024) frames, normalised (x + 4.50) / (2 · 5.14) → 1×128×1024.
+``audio_features=stft`` (the UDI paper's 257×1004) takes instead log(|STFT| + 1e-7) of the wav,
+n_fft 512, hop 160 (10 ms), the clip tiled to (audio_frames − 1) · 160 samples → 1×257×audio_frames.
 Visual: ``frames`` (3) evenly spaced frames, RandomResizedCrop + flip on train, Resize elsewhere.
 Without ``val.txt`` the validation split is carved from train (stratified, seeded).
 
@@ -35,6 +37,7 @@ from benchmark.data.media import (
     read_fbank_npy,
     read_frames,
     read_wav,
+    stft_log_spectrogram,
 )
 from benchmark.data.ondisk import SOURCES, Item, OnDiskDataset, OnDiskOptions, require
 from benchmark.errors import UsageError
@@ -49,6 +52,8 @@ CLASSES = [
     "shuffling cards", "singing", "tap dancing", "tapping guitar", "tapping pen", "tickling",
 ]
 SAMPLE_RATE = 16000
+STFT_N_FFT, STFT_HOP = 512, 160
+AUDIO_FEATURES = ("fbank", "stft")
 
 
 def class_list_hash(classes: list[str]) -> str:
@@ -62,12 +67,20 @@ class AudioVisualOptions(OnDiskOptions):
     audio_frames: int = opt(1024, "filter-bank frames kept (10 ms each; padded or cut)")
     classes_file: str = opt("", "text file with one class name per line (default: the pinned list)")
     npy_normalised: bool = opt(False, "the .npy filter banks are already normalised (skip (x + 4.50) / (2 · 5.14))")
+    audio_features: str = opt("fbank", "audio input: fbank (kaldi filter banks, n_mels x audio_frames) or stft "
+                                       "(log |STFT|, 257 x audio_frames, from the wav; UDI's 257x1004)")
 
     def validate(self) -> None:
         super().validate()
         if self.n_mels < 8 or self.audio_frames < 8:
             raise UsageError(f"dataset.n_mels and dataset.audio_frames must be >= 8, got {self.n_mels} "
                              f"and {self.audio_frames}")
+        if self.audio_features not in AUDIO_FEATURES:
+            raise UsageError(f"dataset.audio_features must be one of {', '.join(AUDIO_FEATURES)}, "
+                             f"got {self.audio_features!r}")
+
+    def audio_bins(self) -> int:
+        return STFT_N_FFT // 2 + 1 if self.audio_features == "stft" else self.n_mels
 
 
 class AudioVisualClips(OnDiskDataset):
@@ -99,11 +112,11 @@ class AudioVisualClips(OnDiskDataset):
 
     def storage(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         s, o = self.options.stored_size, self.options
-        return {"audio": ((1, o.n_mels, o.audio_frames), np.float16), "visual": ((o.frames, 3, s, s), np.uint8)}
+        return {"audio": ((1, o.audio_bins(), o.audio_frames), np.float16), "visual": ((o.frames, 3, s, s), np.uint8)}
 
     def modality_specs(self) -> list[ModalitySpec]:
         s, o = self.options.image_size, self.options
-        return [ModalitySpec("audio", "spectrogram", (1, o.n_mels, o.audio_frames), "resnet18_audio"),
+        return [ModalitySpec("audio", "spectrogram", (1, o.audio_bins(), o.audio_frames), "resnet18_audio"),
                 ModalitySpec("visual", "frames", (o.frames, 3, s, s), "resnet18_visual")]
 
     def audio_path(self, root: Path, item: Item) -> Path:
@@ -122,7 +135,13 @@ class AudioVisualClips(OnDiskDataset):
         if not frames:
             raise UsageError(f"{folder} (listed in {item.listed_in}) has no .jpg frames; extract its frames "
                              "or remove its entry")
-        if audio.suffix == ".npy":
+        if o.audio_features == "stft":
+            if audio.suffix == ".npy":
+                raise UsageError(f"{audio}: dataset.audio_features=stft needs the clip's wav, not a precomputed "
+                                 "filter bank; provide audio/<name>.wav or use audio_features=fbank")
+            seconds = (o.audio_frames - 1) * STFT_HOP / SAMPLE_RATE
+            spec = stft_log_spectrogram(read_wav(audio, SAMPLE_RATE), SAMPLE_RATE, seconds, STFT_N_FFT, STFT_HOP)
+        elif audio.suffix == ".npy":
             spec = read_fbank_npy(audio, o.n_mels, o.audio_frames, normalised=o.npy_normalised)
         else:
             spec = fbank_spectrogram(read_wav(audio, SAMPLE_RATE), SAMPLE_RATE, o.n_mels, o.audio_frames)

@@ -72,6 +72,30 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
+class CGMNISTConvNet(nn.Module):
+    """Four conv blocks (3×3 convolution, BatchNorm, ReLU; stride 2 from the second) and global
+    average pooling: the "4-conv + average-pool" encoder the UDI paper uses on CG-MNIST (after PMR).
+    The papers give no widths: 32, 64, 128, 128 here."""
+
+    def __init__(self, spec: ModalitySpec, widths: tuple[int, ...] = (32, 64, 128, 128)) -> None:
+        super().__init__()
+        c_in = spec.shape[0] if len(spec.shape) == 3 else 1
+        layers: list[nn.Module] = []
+        for i, c_out in enumerate(widths):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = widths[-1]
+        self._two_d = len(spec.shape) == 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._two_d:
+            x = x.unsqueeze(1)
+        return self.net(x)
+
+
 def _resnet18_trunk(in_channels: int) -> nn.Module:
     net = resnet18(weights=None)
     if in_channels != 3:
@@ -139,6 +163,7 @@ class ResNet18Visual(nn.Module):
 
 register_encoder("mlp")(MLPEncoder)
 register_encoder("small_cnn")(SmallCNN)
+register_encoder("cgmnist_cnn")(CGMNISTConvNet)
 register_encoder("resnet18_audio")(ResNet18Audio)
 register_encoder("resnet18_visual")(ResNet18Visual)
 
