@@ -247,6 +247,7 @@ def controller_figure(name: str, trace: pd.DataFrame, out: Path, slug: str) -> P
     fig.tight_layout()
     path = out / f"{slug}-udi-controller.png"
     fig.savefig(path, dpi=120)
+    fig.savefig(path.with_suffix(".pdf"))  # a vector copy for print, beside the PNG the Markdown shows
     plt.close(fig)
     return path
 
