@@ -502,7 +502,8 @@ def write_report(store_dir: Path, out: Path | None = None, readme: Path | None =
         check_writable_dir(out / "figures", "--out")
     unreadable = report_data.unreadable(store.root)
     if unreadable:  # unreadable or incomplete records are left out, and said so
-        print(f"note: {len(unreadable)} record file(s) left out as unreadable (first: {unreadable[0]}); "
+        path, why = unreadable[0]
+        print(f"note: {len(unreadable)} record(s) left out as unreadable or incomplete (first: {path}: {why}); "
               "re-run the sweep to replace them", file=sys.stderr)
     # the diagnostics section reads its own part of each record, under this report's row labels
     labelled = [dict(r, sweep=dict(r.get("sweep") or {}, label=lab))

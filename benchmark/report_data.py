@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmark.config import RunConfig, config_hash
 from benchmark.convergence import record_still_improving
-from benchmark.store import RECORDS, read_record
+from benchmark.store import RECORDS, check_record, read_record
 
 # Shared options that say where a run went or how fast, never what it computed.
 LOCATION_OPTIONS = ("seed", "device", "num_workers", "cache_dir")
@@ -36,19 +36,34 @@ def record_files(root: Path) -> list[Path]:
     return sorted(p for p in files if not p.name.startswith("."))
 
 
+def _candidate(root: Path, path: Path) -> bool:
+    """A sweep store's record files are records; elsewhere, JSON that looks like one (another
+    program's JSON beside ``run --out`` records is not a record)."""
+    if path.parent.parent == root / RECORDS:
+        return True
+    rec = read_record(path)
+    return rec is None or bool({"status", "metrics", "key"} & set(rec))
+
+
 def load_records(root: Path) -> list[dict[str, Any]]:
-    """Every readable run record under ``root`` (other JSON files are skipped), with its file."""
+    """Every whole run record under ``root`` (see :func:`benchmark.store.check_record`), with its file."""
     out = []
     for path in record_files(root):
-        rec = read_record(path)
-        if rec and "status" in rec and "method" in rec and "dataset" in rec:
+        rec, _ = check_record(path)
+        if rec is not None:
             out.append(dict(rec, _file=str(path)))
     return out
 
 
-def unreadable(root: Path) -> list[Path]:
-    """Record files under ``root`` that do not parse (a reader leaves them out and says so)."""
-    return [p for p in record_files(root) if read_record(p) is None]
+def unreadable(root: Path) -> list[tuple[Path, str]]:
+    """Record files under ``root`` that do not parse or lack a required field, with what is wrong
+    (a reader leaves them out and says so)."""
+    out = []
+    for path in record_files(root):
+        rec, why = check_record(path)
+        if rec is None and _candidate(root, path):
+            out.append((path, why))
+    return out
 
 
 def is_location(name: str) -> bool:

@@ -153,7 +153,9 @@ def test_anchor_guidance_reproduces_the_earlier_code_to_the_bit(case: str) -> No
     """The reference was written by the suite before progressive guidance existed (see its
     ``produced_by``), on this machine's torch with one thread (as conftest sets)."""
     ref = json.loads(REFERENCE.read_text())["cases"][case]
-    record = execute(prepare(build_config(dict(ref["settings"], **{"method.guidance": "anchor"}))))
+    # the protocol of that time: no precise BatchNorm, unimodal training for the whole budget
+    earlier = {"precise_bn": 0, "unimodal_patience": 0, "unimodal_lr_decay": 0}
+    record = execute(prepare(build_config(dict(ref["settings"], **earlier, **{"method.guidance": "anchor"}))))
     keys = list(ref["history"][0])
     history = [{k: row.get(k) for k in keys} for row in record["history"] if str(row["stage"]).startswith("udi:")]
     assert history == ref["history"]
