@@ -481,6 +481,8 @@ def write_report(store_dir: Path, out: Path | None = None, readme: Path | None =
                  baseline: str = BASELINE, smoke: bool | None = None) -> list[Path]:
     """Write every table and figure of the records under ``store_dir`` into ``out`` (default: a
     ``reports/`` folder beside the store); rewrite ``readme``'s results section when given."""
+    # PDFs carry no creation time, so the same records give the same files, byte for byte
+    os.environ.setdefault("SOURCE_DATE_EPOCH", "0")
     store = Store(store_dir)
     store.check_readable()
     out = default_out(store_dir) if out is None else out

@@ -31,7 +31,7 @@ from benchmark.metrics import accuracy
 from benchmark.registry import METHODS, list_methods
 from benchmark.runner import execute, prepare
 from benchmark.trainer import Trainer
-from tests.helpers import assert_same_run
+from helpers import assert_same_run
 
 F = frozenset
 
