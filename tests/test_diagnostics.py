@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_same_run
 
 from benchmark.config import build_config
 from benchmark.data.base import DataInfo, ModalitySpec, MultimodalData, TensorSplit
@@ -31,7 +32,6 @@ from benchmark.metrics import accuracy
 from benchmark.registry import METHODS, list_methods
 from benchmark.runner import execute, prepare
 from benchmark.trainer import Trainer
-from helpers import assert_same_run
 
 F = frozenset
 
