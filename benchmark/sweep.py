@@ -495,13 +495,22 @@ def _needs_run(store: Store, item: PlannedRun, retry_before: float) -> bool:
 
 
 def work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, Any]], None]) -> None:
-    """Run every item not yet in the store and not claimed by another process."""
+    """Run every item not yet in the store and not claimed by another process (with the
+    worker's thread count, given back afterwards: a sweep run in-process leaves the caller's)."""
     import torch
 
-    from benchmark.runner import execute, failed_record, prepare
-
+    previous = torch.get_num_threads()
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    try:
+        _work(items, spec, emit)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, Any]], None]) -> None:
+    from benchmark.runner import execute, failed_record, prepare
+
     store = Store(spec.store)
     cache = _DataCache(spec.smoke)
     for item in items:
