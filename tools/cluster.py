@@ -292,7 +292,8 @@ def killed_worker_is_retried(url: str, base: Path, lease: int = 6) -> str:
                 study = optuna.load_study(study_name="killed", storage=url)
             except Exception:  # not created yet
                 return False
-            return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            # a trial that has drawn its parameters (killed earlier, its retry would draw new ones)
+            return any(t.params for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
         wait_for("the first tuning worker's trial", running, 120)
     finally:
@@ -306,7 +307,8 @@ def killed_worker_is_retried(url: str, base: Path, lease: int = 6) -> str:
     after = next(t for t in trials if t.number == killed.number)
     retries = [t for t in trials if tune.retried_from(t) == killed.number]
     if after.state != TrialState.FAIL or len(retries) != 1 or retries[0].params != killed.params:
-        raise ClusterError(f"killed trial {killed.number}: {after.state.name}, {len(retries)} retries")
+        raise ClusterError(f"killed trial {killed.number}: {after.state.name}, {len(retries)} retries, "
+                           f"parameters {killed.params} then {[r.params for r in retries]}")
     if retries[0].state not in (TrialState.COMPLETE, TrialState.PRUNED):
         raise ClusterError(f"the retry of trial {killed.number} ended {retries[0].state.name}")
     say(f"killed worker: trial {killed.number} failed and retried as trial {retries[0].number} "
