@@ -42,8 +42,8 @@ from benchmark.method import EvalOutput
 from benchmark.metrics import accuracy, linear_probe_predictions
 
 if TYPE_CHECKING:
+    from benchmark.config import RunConfig
     from benchmark.method import Batch, Method, Stage
-    from benchmark.runner import PreparedRun
     from benchmark.trainer import Trainer
 
 NOISE_LEVELS = (0.25, 0.5, 1.0, 2.0)
@@ -255,9 +255,9 @@ class Diagnostics:
     """Attached to a run's trainer before training (ρ at each epoch's end); :meth:`evaluate` after
     training gives the record's ``metrics["diagnostics"]``. ``seconds`` is the time spent so far."""
 
-    def __init__(self, run: PreparedRun, trainer: Trainer) -> None:
-        self.method = run.method
-        self.cfg = run.cfg
+    def __init__(self, method: Method, cfg: RunConfig, trainer: Trainer) -> None:
+        self.method = method
+        self.cfg = cfg
         self.trainer = trainer
         self.seconds = 0.0
         self.rho: list[dict[str, Any]] = []

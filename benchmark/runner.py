@@ -218,7 +218,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run.data, run.device, log=log, cache_dir=cache_dir)
     trainer.on_epoch_end = on_epoch_end
-    diagnostics = Diagnostics(run, trainer) if cfg.diagnostics else None  # ρ per epoch; the rest after training
+    diagnostics = Diagnostics(run.method, cfg, trainer) if cfg.diagnostics else None  # ρ per epoch; the rest after training
     method = run.method
     method.device = run.device
     with seeded(cfg.seed, f"method/{cfg.method}/build"):

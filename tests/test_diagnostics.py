@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,7 +101,7 @@ def _train(method_name: str, data: MultimodalData, **overrides):
     method = create_method(method_name, data.info, cfg)
     with seeded(cfg.seed, f"method/{method_name}/build"):
         method.build()
-    diagnostics = Diagnostics(SimpleNamespace(method=method, cfg=cfg), trainer)
+    diagnostics = Diagnostics(method, cfg, trainer)
     method.run(trainer)
     return method, trainer, diagnostics
 
