@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 NOISE_LEVELS = (0.25, 0.5, 1.0, 2.0)
 MAX_SHAPLEY_MODALITIES = 4  # 2^M subset evaluations
-RHO_SAMPLES = 256  # training samples the ρ trace is computed on, at each epoch's end
+RHO_SAMPLES = 256
+STATS_CHUNK = 4096  # samples per slice when the input statistics read a split held as tensors  # training samples the ρ trace is computed on, at each epoch's end
 
 
 # --- the arithmetic ---------------------------------------------------------------------------------
@@ -133,26 +134,46 @@ def evenly_spaced(split: Dataset, count: int) -> Dataset:
     return split.subset(idx) if isinstance(split, TensorSplit) else Subset(split, idx.tolist())
 
 
-def input_stats(trainer: Trainer, modalities: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Per modality: the training-set mean input (one sample's shape) and the std of all its
-    input values."""
+def input_stats(trainer: Trainer, modalities: Sequence[str], need_mean: bool = True
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Per modality: the training-set mean input (one sample's shape; only when ``need_mean``)
+    and the std of all its input values, in float64. A split held as tensors is read in slices
+    of STATS_CHUNK samples, without a data loader."""
+    split = trainer.data.splits["train"]
+    if isinstance(split, TensorSplit):
+        batches: Iterable[Batch] = ({m: split.inputs[m][i:i + STATS_CHUNK] for m in modalities}
+                                    for i in range(0, len(split), STATS_CHUNK))
+    else:
+        batches = iterate_batches(split, trainer.cfg.eval_batch_size, shuffle=False,
+                                  num_workers=trainer.cfg.num_workers)
     sums: dict[str, torch.Tensor] = {}
+    totals: dict[str, float] = {}
     squares: dict[str, float] = {}
+    counts: dict[str, int] = {}
     n = 0
-    for batch in iterate_batches(trainer.data.splits["train"], trainer.cfg.eval_batch_size, shuffle=False,
-                                 num_workers=trainer.cfg.num_workers):
+    for batch in batches:
         for m in modalities:
             x = batch[m].double()
-            sums[m] = sums[m] + x.sum(dim=0) if m in sums else x.sum(dim=0)
+            if need_mean:
+                sums[m] = sums[m] + x.sum(dim=0) if m in sums else x.sum(dim=0)
+            totals[m] = totals.get(m, 0.0) + float(x.sum())
             squares[m] = squares.get(m, 0.0) + float((x * x).sum())
-        n += len(batch["label"])
+            counts[m] = counts.get(m, 0) + x.numel()
+        n += len(batch[modalities[0]])
     mean = {m: (s / n).float() for m, s in sums.items()}
     std = {}
-    for m, s in sums.items():
-        count = n * s.numel()
-        mu = float(s.sum()) / count
-        std[m] = math.sqrt(max(squares[m] / count - mu * mu, 0.0))
+    for m in modalities:
+        mu = totals[m] / counts[m]
+        std[m] = math.sqrt(max(squares[m] / counts[m] - mu * mu, 0.0))
     return mean, std
+
+
+def sample_shapes(split: Dataset, modalities: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """One sample's input shape per modality."""
+    if isinstance(split, TensorSplit):
+        return {m: tuple(split.inputs[m].shape[1:]) for m in modalities}
+    sample = split[0]
+    return {m: tuple(torch.as_tensor(sample[m]).shape) for m in modalities}
 
 
 def subset_accuracy(method: Method, trainer: Trainer, present: frozenset[str],
@@ -161,36 +182,29 @@ def subset_accuracy(method: Method, trainer: Trainer, present: frozenset[str],
     return trainer.accuracy(lambda b: method.predict_subset(b, present, fill), method.model, "test")
 
 
-HeadCache = list[tuple[dict[str, torch.Tensor], torch.Tensor]]
+# A late fusion's head logits over the whole test split (CPU, float32) and the labels: every
+# subset, and noise on one modality, then need only the fusion rule (and that one head again).
+HeadCache = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def head_cache(method: Method, trainer: Trainer, test: tuple[EvalOutput, torch.Tensor] | None = None) -> HeadCache:
+    """From the run's test outputs (``trainer.collect(method.eval_forward, ...)``, whose unimodal
+    readouts are a late fusion's heads) when given, else by one pass over the test split."""
+    if test is None:
+        test = trainer.collect(method.eval_forward, method.model, "test")
+    out, labels = test
+    return {m: out.unimodal[m] for m in method.modalities}, labels
 
 
 @torch.inference_mode()
-def head_cache(method: Method, trainer: Trainer) -> HeadCache:
-    """A late fusion's head logits and the labels, per test batch: every subset, and noise on one
-    modality, then need only the fusion rule (and that one head again)."""
-    with _eval_mode(method.model):
-        out = []
-        for batch in trainer.batches("test", shuffle=False):
-            with trainer.autocast():
-                out.append(({m: method.head_logits(batch, m) for m in method.modalities}, batch["label"]))
-        return out
-
-
-def _fused_accuracy(method: Method, trainer: Trainer, heads: Iterable[dict[str, torch.Tensor]],
-                    labels: Iterable[torch.Tensor]) -> float:
-    correct = torch.zeros((), dtype=torch.long, device=trainer.device)
-    total = 0
-    for logits, y in zip(heads, labels):
-        with trainer.autocast():
-            correct += (method.fuse_heads(logits).argmax(dim=1) == y).sum()
-        total += len(y)
-    return correct.item() / max(total, 1)
+def _fused_accuracy(method: Method, heads: Mapping[str, torch.Tensor], labels: torch.Tensor) -> float:
+    return accuracy(method.fuse_heads(dict(heads)), labels)
 
 
 def cached_subset_accuracy(method: Method, trainer: Trainer, cache: HeadCache, present: frozenset[str]) -> float:
     """:func:`subset_accuracy` of a late fusion from its cached heads."""
-    kept = [m for m in method.modalities if m in present]
-    return _fused_accuracy(method, trainer, ({m: h[m] for m in kept} for h, _ in cache), (y for _, y in cache))
+    heads, labels = cache
+    return _fused_accuracy(method, {m: heads[m] for m in method.modalities if m in present}, labels)
 
 
 def noise_accuracy(method: Method, trainer: Trainer, modality: str, sigma: float, std: float, seed: int,
@@ -209,23 +223,13 @@ def noise_accuracy(method: Method, trainer: Trainer, modality: str, sigma: float
 
     if cache is None:
         return trainer.accuracy(lambda b: method.predict(noisy(b)), method.model, "test")
+    heads, labels = cache
     with torch.inference_mode(), _eval_mode(method.model):
-        heads = []
-        for (logits, _), batch in zip(cache, trainer.batches("test", shuffle=False)):
+        rows = []
+        for batch in trainer.batches("test", shuffle=False):
             with trainer.autocast():
-                heads.append({**logits, modality: method.head_logits(noisy(batch), modality)})
-        return _fused_accuracy(method, trainer, heads, (y for _, y in cache))
-
-
-@torch.inference_mode()
-def _cached_outputs(method: Method, trainer: Trainer, cache: HeadCache) -> tuple[EvalOutput, torch.Tensor]:
-    """What ``trainer.collect(method.eval_forward)`` gives, from a late fusion's cached heads."""
-    fused = []
-    for logits, _ in cache:
-        with trainer.autocast():
-            fused.append(method.fuse_heads(logits).float().cpu())
-    heads = {m: torch.cat([h[m].float().cpu() for h, _ in cache]) for m in method.modalities}
-    return EvalOutput(torch.cat(fused), heads, {}), torch.cat([y.cpu() for _, y in cache])
+                rows.append(method.head_logits(noisy(batch), modality).float().cpu())
+    return _fused_accuracy(method, {**heads, modality: torch.cat(rows)}, labels)
 
 
 @contextlib.contextmanager
@@ -310,29 +314,34 @@ class Diagnostics:
         return {m: _float(r) for m, r in rho_ratios({m: float(s) for m, s in sums.items()}).items()}
 
     # --- after training ------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, test: tuple[EvalOutput, torch.Tensor] | None = None) -> dict[str, Any]:
+        """``test``: the run's own test outputs (``trainer.collect(method.eval_forward, ...)``),
+        so that the clean accuracy and a late fusion's heads need no pass of their own."""
         start = time.perf_counter()
         with rng_untouched():
-            out = self._evaluate()
+            out = self._evaluate(test)
         self.seconds += time.perf_counter() - start
         out.update(rho=self.rho, rho_samples=len(self._sample), rho_seconds=self.rho_seconds,
                    seconds=self.seconds)
         return out
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self, test_outputs: tuple[EvalOutput, torch.Tensor] | None) -> dict[str, Any]:
         method, trainer, cfg = self.method, self.trainer, self.cfg
         names = list(method.info.modality_names)
         full = frozenset(names)
-        mean, std = input_stats(trainer, names)
+        by_input = method.absent_rule == "input"
+        mean, std = input_stats(trainer, names, need_mean=by_input and cfg.absent == "mean")
         # Token ids have no mean and no Gaussian noise: absent is all padding (id 0), noise is skipped.
         tokens = {spec.name for spec in method.info.modalities if spec.kind == "tokens"}
-        fill = {m: (mean[m] if cfg.absent == "mean" and m not in tokens else torch.zeros_like(mean[m])
-                    ).to(trainer.device) for m in names}
-        cache = head_cache(method, trainer) if method.absent_rule == "head" else None
-        if cache is not None:  # the fused and unimodal logits are the cached heads' (one pass fewer)
-            test, labels = _cached_outputs(method, trainer, cache)
-        else:
-            test, labels = trainer.collect(method.eval_forward, method.model, "test")
+        fill = {}
+        if by_input:
+            shapes = sample_shapes(trainer.data.splits["test"], names)
+            fill = {m: (mean[m] if m in mean and m not in tokens else torch.zeros(shapes[m])).to(trainer.device)
+                    for m in names}
+        if test_outputs is None:
+            test_outputs = trainer.collect(method.eval_forward, method.model, "test")
+        test, labels = test_outputs
+        cache = head_cache(method, trainer, test_outputs) if not by_input else None
         clean = accuracy(test.logits, labels)
         v: dict[frozenset[str], float] = {frozenset(): 1.0 / method.info.num_classes, full: clean}
         for subset in _evaluated_subsets(names):

@@ -13,7 +13,8 @@ from sklearn.preprocessing import StandardScaler
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == labels).float().mean())
+    """The fraction right, as a count over the total (exact, as in ``Trainer.accuracy``)."""
+    return int((logits.argmax(dim=1) == labels).sum()) / max(len(labels), 1)
 
 
 def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

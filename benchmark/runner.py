@@ -26,7 +26,7 @@ from benchmark.device import pick_device, seed_everything, seeded, set_determini
 from benchmark.diagnostics import Diagnostics
 from benchmark.errors import DivergedError, UsageError
 from benchmark.files import check_writable_dir, current_umask, os_error_line
-from benchmark.method import Method, create_method, options_of
+from benchmark.method import EvalOutput, Method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
 from benchmark.registry import ENCODERS
 from benchmark.trainer import Trainer
@@ -183,8 +183,9 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20, "process_max_rss"
 
 
-def evaluate(run: PreparedRun, trainer: Trainer) -> dict[str, Any]:
-    """Test metrics of the trained method (test is evaluated here, once) and linear probes."""
+def evaluate(run: PreparedRun, trainer: Trainer) -> tuple[dict[str, Any], tuple[EvalOutput, torch.Tensor]]:
+    """Test metrics of the trained method (test is evaluated here, once) and linear probes; and
+    the test outputs themselves (the diagnostics start from them)."""
     method, info = run.method, run.data.info
     test, test_y = trainer.collect(method.eval_forward, method.model, "test")
     metrics: dict[str, Any] = {
@@ -201,7 +202,7 @@ def evaluate(run: PreparedRun, trainer: Trainer) -> dict[str, Any]:
         }
     else:
         metrics["probe_accuracy"] = {}
-    return metrics
+    return metrics, (test, test_y)
 
 
 def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
@@ -225,7 +226,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
         method.build()
     method.model.to(run.device)
     facts = method.run(trainer)
-    metrics = evaluate(run, trainer)
+    metrics, test_outputs = evaluate(run, trainer)
     wall = time.perf_counter() - t0 - (diagnostics.seconds if diagnostics is not None else 0.0)  # the run without them
     mem, mem_kind = peak_memory_mb(run.device)
     epochs = trainer.epoch_seconds
@@ -238,7 +239,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
         parameters=sum(p.numel() for p in method.model.parameters()),
     )
     if diagnostics is not None:
-        metrics["diagnostics"] = diagnostics.evaluate()
+        metrics["diagnostics"] = diagnostics.evaluate(test_outputs)
     return {
         "schema": 1,
         "status": "ok",

@@ -27,8 +27,8 @@ settings per dataset (``benchmark.presets``; e.g. ``udi-paper``, the UDI paper's
 ``preset`` applies to every method that names none.
 Later settings win: sweep < dataset < method's recommended < preset < method < tuned file < variant.
 
-Runs are ordered so that unimodal models come first (``unimodal``, then ``ensemble``, then the
-rest), which lets the methods that need them (UDI's anchor phase, MCR) reuse their checkpoints.
+Runs are ordered so that unimodal models come first, which lets the methods that need them
+(``ensemble``, UDI's anchor phase, MCR) reuse their checkpoints.
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ TOP_KEYS = {"description", "seeds", "settings", "datasets", "methods", "use_reco
 DATASET_KEYS = {"settings"}
 METHOD_KEYS = {"settings", "variants", "datasets", "use_recommended", "preset"}
 VARIANT_DATASETS = "datasets"  # a variant's own dataset filter (not an option)
-# Work order: unimodal models first so that later runs reuse their checkpoints.
-PRIORITY = {"unimodal": 0, "ensemble": 1}
+# Work order: unimodal models first so that later runs reuse their checkpoints. The runs that
+# read those checkpoints (ensemble, UDI, MCR) keep their plan order, well after them: run right
+# after the unimodal models, an ensemble would wait on the claim of a checkpoint still training.
+PRIORITY = {"unimodal": 0}
 
 
 # --- sweep files --------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ class PlannedRun:
 
     @property
     def priority(self) -> int:
-        return PRIORITY.get(self.method, 2)
+        return PRIORITY.get(self.method, 1)
 
 
 @dataclass

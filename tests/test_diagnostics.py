@@ -249,3 +249,29 @@ def test_fusion_without_readouts_uses_probes_and_has_no_rho(tiny: dict) -> None:
     assert sum(em["fused_right"][1]) + sum(em["fused_wrong"][1]) == round(probes[em["rows"]] * 64)
     columns_right = sum(row[1] for row in em["fused_right"] + em["fused_wrong"])
     assert columns_right == round(probes[em["columns"]] * 64)
+
+
+def test_input_stats_match_a_direct_computation():
+    from benchmark.diagnostics import input_stats
+
+    data = _balanced_data()
+    method, trainer, _ = _train("joint", data, epochs=1)
+    mean, std = input_stats(trainer, ["a", "b"])
+    for m in ("a", "b"):
+        x = data.splits["train"].inputs[m].double()
+        assert torch.allclose(mean[m].double(), x.mean(dim=0), atol=1e-6)
+        assert std[m] == pytest.approx(float(x.std(unbiased=False)), rel=1e-9)
+    no_mean, same_std = input_stats(trainer, ["a", "b"], need_mean=False)
+    assert no_mean == {} and same_std == pytest.approx(std, rel=1e-12)
+
+
+@pytest.mark.parametrize("method_name", ["joint", "ensemble"])
+def test_diagnostics_from_the_runs_test_outputs_equal_their_own_pass(method_name):
+    """The runner hands its test outputs over; the diagnostics are those of a fresh pass."""
+    data = _balanced_data()
+    method, trainer, diagnostics = _train(method_name, data)
+    own = diagnostics.evaluate()
+    given = diagnostics.evaluate(trainer.collect(method.eval_forward, method.model, "test"))
+    for d in (own, given):
+        d.pop("seconds")
+    assert given == own
