@@ -26,6 +26,7 @@ class UnimodalOptions:
 class Unimodal(Method):
     summary = "one modality alone: encoder + linear head, cross-entropy"
     Options = UnimodalOptions
+    _checkpoint: str | None = None  # the cached checkpoint trained or loaded by run()
 
     def check(self) -> None:
         if not self.options.modality:
@@ -42,6 +43,7 @@ class Unimodal(Method):
 
     def run(self, trainer: Any) -> dict[str, Any]:
         self.model, info = train_unimodal(trainer, self, self.options.modality)
+        self._checkpoint = info.get("checkpoint")
         return {"unimodal": {self.options.modality: info}}
 
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -50,11 +52,23 @@ class Unimodal(Method):
     def eval_forward(self, batch: Batch) -> EvalOutput:
         return unimodal_eval(self.model, batch)
 
+    def head_logits(self, batch: Batch, modality: str) -> torch.Tensor:
+        if modality != self.options.modality:
+            raise ValueError(f"unimodal model of {self.options.modality!r} has no head for {modality!r}")
+        return self.predict(batch)
+
+    def modalities_read(self) -> list[str]:
+        return [self.options.modality]
+
+    def frozen_checkpoint(self, modality: str) -> str | None:
+        return self._checkpoint if modality == self.options.modality else None
+
 
 @register_method("ensemble")
 class Ensemble(Method):
     summary = "mean softmax probabilities of unimodal models trained independently"
     min_modalities = 2
+    _checkpoints: dict[str, str | None] = {}  # per modality, set by run()
 
     def build(self) -> nn.Module:
         self.model = nn.ModuleDict({m: build_unimodal(self, m) for m in self.modalities})
@@ -64,6 +78,7 @@ class Ensemble(Method):
         infos = {}
         for m in self.modalities:
             self.model[m], infos[m] = train_unimodal(trainer, self, m)
+        self._checkpoints = {m: info.get("checkpoint") for m, info in infos.items()}
         return {"unimodal": infos}
 
     def eval_forward(self, batch: Batch) -> EvalOutput:
@@ -79,3 +94,6 @@ class Ensemble(Method):
 
     def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         return fuse(list(logits.values()), "prob_mean")
+
+    def frozen_checkpoint(self, modality: str) -> str | None:
+        return self._checkpoints.get(modality)

@@ -27,10 +27,15 @@ named streams), so a run's training and its other metrics are the same with or w
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import os
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import combinations
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -207,11 +212,9 @@ def cached_subset_accuracy(method: Method, trainer: Trainer, cache: HeadCache, p
     return _fused_accuracy(method, {m: heads[m] for m in method.modalities if m in present}, labels)
 
 
-def noise_accuracy(method: Method, trainer: Trainer, modality: str, sigma: float, std: float, seed: int,
-                   cache: HeadCache | None = None) -> float:
-    """Test accuracy with N(0, (σ·std)²) added to ``modality``'s input; the noise comes from the
-    run's stream ``diagnostics/noise/<modality>/<σ>``, so it repeats to the bit. With a late
-    fusion's ``cache`` only that modality's head runs again."""
+def _noise_stream(trainer: Trainer, modality: str, sigma: float, std: float, seed: int) -> Callable[[Batch], Batch]:
+    """Adds N(0, (σ·std)²) to ``modality``'s input, batch after batch, from the run's stream
+    ``diagnostics/noise/<modality>/<σ>`` (so it repeats to the bit)."""
     gen = torch.Generator(device=trainer.device)
     gen.manual_seed(derive_seed(seed, f"diagnostics/noise/{modality}/{sigma:g}"))
     scale = sigma * std
@@ -221,15 +224,77 @@ def noise_accuracy(method: Method, trainer: Trainer, modality: str, sigma: float
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
         return {**batch, modality: x + (scale * noise).to(x.dtype)}
 
+    return noisy
+
+
+def noise_accuracy(method: Method, trainer: Trainer, modality: str, sigma: float, std: float, seed: int,
+                   cache: HeadCache | None = None) -> float:
+    """Test accuracy with N(0, (σ·std)²) added to ``modality``'s input (see :func:`_noise_stream`).
+    With a late fusion's ``cache`` only that modality's head runs again."""
     if cache is None:
+        noisy = _noise_stream(trainer, modality, sigma, std, seed)
         return trainer.accuracy(lambda b: method.predict(noisy(b)), method.model, "test")
     heads, labels = cache
+    return _fused_accuracy(method, {**heads, modality: noisy_head_logits(method, trainer, modality, sigma, std, seed)},
+                           labels)
+
+
+def noisy_head_logits(method: Method, trainer: Trainer, modality: str, sigma: float, std: float,
+                      seed: int) -> torch.Tensor:
+    """:meth:`Method.head_logits` of ``modality`` on the noisy test split (CPU, float32). When the
+    head is a cached unimodal checkpoint (:meth:`Method.frozen_checkpoint`), the logits are kept
+    beside it: the ``unimodal`` run, the ``ensemble`` and any other run of the same seed that
+    loads that checkpoint evaluate it on the same noise, so only the first one computes them."""
+    memo, key = _noise_memo(method, trainer, modality, sigma, std, seed)
+    if memo is not None and memo.exists():
+        with contextlib.suppress(Exception):  # unreadable or another key: computed again
+            saved = torch.load(memo, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                return saved["logits"]
+    noisy = _noise_stream(trainer, modality, sigma, std, seed)
     with torch.inference_mode(), _eval_mode(method.model):
         rows = []
         for batch in trainer.batches("test", shuffle=False):
             with trainer.autocast():
                 rows.append(method.head_logits(noisy(batch), modality).float().cpu())
-    return _fused_accuracy(method, {**heads, modality: torch.cat(rows)}, labels)
+    logits = torch.cat(rows)
+    if memo is not None:
+        with contextlib.suppress(OSError):  # a full or read-only cache costs the sharing only
+            _save_memo(memo, {"key": key, "logits": logits})
+    return logits
+
+
+def _noise_memo(method: Method, trainer: Trainer, modality: str, sigma: float, std: float, seed: int
+                ) -> tuple[Path | None, dict[str, Any]]:
+    """Where the noisy logits of a frozen checkpoint's head are kept, and what they depend on:
+    the checkpoint file as written (a retrained one is another file version), the noise stream,
+    σ and the input std, the evaluation batches, the device type and precision."""
+    checkpoint = method.frozen_checkpoint(modality)
+    if not checkpoint:
+        return None, {}
+    try:
+        st = os.stat(checkpoint)
+    except OSError:
+        return None, {}
+    cfg = trainer.cfg
+    key = {"checkpoint": Path(checkpoint).name, "mtime_ns": st.st_mtime_ns, "size": st.st_size,
+           "modality": modality, "sigma": repr(float(sigma)), "std": repr(float(std)), "seed": seed,
+           "eval_batch_size": cfg.eval_batch_size, "test_samples": len(trainer.data.splits["test"]),
+           "device_type": trainer.device.type, "amp": str(cfg.amp), "kind": "noisy-head-v1"}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(checkpoint).with_suffix(".noise") / f"{digest}.pt", key
+
+
+def _save_memo(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -349,8 +414,7 @@ class Diagnostics:
                          else subset_accuracy(method, trainer, subset, fill))
         shapley = shapley_values(v, names) if len(names) <= MAX_SHAPLEY_MODALITIES else None
         util = utilisation(v, names)
-        noisy = {m: [noise_accuracy(method, trainer, m, s, std[m], cfg.seed, cache) for s in NOISE_LEVELS]
-                 for m in names if m not in tokens}
+        noisy = {m: self._noise_curve(m, std[m], clean, labels, cache) for m in names if m not in tokens}
         return {
             "absent": method.absent_rule if method.absent_rule != "input" else cfg.absent,
             "modalities": names,
@@ -369,6 +433,18 @@ class Diagnostics:
             "not_perturbed": sorted(tokens),
             "error_matrix": self._error_matrix(test, labels, names),
         }
+
+    def _noise_curve(self, modality: str, std: float, clean: float, labels: torch.Tensor,
+                     cache: HeadCache | None) -> list[float]:
+        """The accuracy at each σ of NOISE_LEVELS with noise on ``modality``."""
+        method, trainer, seed = self.method, self.trainer, self.cfg.seed
+        if modality not in method.modalities_read():  # the prediction does not read it
+            return [clean] * len(NOISE_LEVELS)
+        if cache is None and method.modalities_read() == [modality] and method.frozen_checkpoint(modality):
+            # one frozen model's head is the whole prediction: its (shared) noisy logits decide
+            return [accuracy(noisy_head_logits(method, trainer, modality, s, std, seed), labels)
+                    for s in NOISE_LEVELS]
+        return [noise_accuracy(method, trainer, modality, s, std, seed, cache) for s in NOISE_LEVELS]
 
     def _error_matrix(self, test: Any, labels: torch.Tensor, names: list[str]) -> dict[str, Any] | None:
         """Two modalities: from the unimodal readouts, else from linear probes on the features."""

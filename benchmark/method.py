@@ -194,6 +194,17 @@ class Method:
         """A late fusion's unimodal head: the logits of ``modality`` alone."""
         raise NotImplementedError
 
+    def modalities_read(self) -> list[str]:
+        """The modalities the prediction depends on (a unimodal model reads one): noise on any
+        other leaves the prediction as it is, so the diagnostics do not evaluate it again."""
+        return list(self.modalities)
+
+    def frozen_checkpoint(self, modality: str) -> str | None:
+        """The cached unimodal checkpoint (benchmark.unimodal) whose model, unchanged, gives this
+        method's logits of ``modality`` alone (:meth:`head_logits`), if there is one: the
+        diagnostics then share that model's noisy-input logits with every run that loads it."""
+        return None
+
     def fuse_heads(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         """A late fusion's test-time rule over the heads given (in modality order); over every
         head it gives :meth:`predict`'s logits."""

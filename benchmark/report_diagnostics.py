@@ -13,6 +13,7 @@ Reads the records only; :func:`diagnostics_section` returns Markdown and the fil
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,33 @@ def _figures(frame: pd.DataFrame, dataset: str, folder: Path, modalities: list[s
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title=None)
         save(fig, "rho")
     return written
+
+
+def cost_section(records: Iterable[dict[str, Any]]) -> str:
+    """What the diagnostics add to a run's wall time: per method (over every dataset and seed), the
+    median and the largest ``seconds / wall_seconds`` (``wall_seconds`` leaves them out), and the
+    share of all the records' time. Empty when no record has diagnostics."""
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for rec in records:
+        metrics = rec.get("metrics") or {}
+        d, wall = metrics.get("diagnostics"), metrics.get("wall_seconds")
+        if not isinstance(d, dict) or not isinstance(wall, (int, float)) or wall <= 0:
+            continue
+        rows.setdefault(str(rec.get("method")), []).append((float(d.get("seconds", 0.0)), float(wall)))
+    if not rows:
+        return ""
+    table = []
+    for method in sorted(rows):
+        pairs = rows[method]
+        added = sorted(s / w for s, w in pairs)
+        worst = max(pairs, key=lambda p: p[0] / p[1])
+        table.append({"method": method, "runs": len(pairs),
+                      "median added %": f"{100 * statistics.median(added):.1f}",
+                      "largest added %": f"{100 * added[-1]:.1f}",
+                      "largest: diagnostics s / wall s": f"{worst[0]:.2f} / {worst[1]:.2f}"})
+    spent = sum(s for pairs in rows.values() for s, _ in pairs)
+    wall = sum(w for pairs in rows.values() for _, w in pairs)
+    return ("## What the diagnostics cost\n\nPer run: the diagnostics' seconds (ρ trace included) over the "
+            "run's wall time without them (`metrics.diagnostics.seconds / metrics.wall_seconds`), over "
+            f"every dataset and seed. All records together: {spent:.1f} s of diagnostics on {wall:.0f} s of "
+            f"runs ({100 * spent / wall:.1f}%).\n\n" + _markdown(pd.DataFrame(table)) + "\n")

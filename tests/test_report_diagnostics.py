@@ -94,3 +94,20 @@ def test_report_shows_diagnostics_of_real_runs(tmp_path, tiny):
     assert {"synthetic-shapley.png", "synthetic-noise-robustness.png", "synthetic-rho.png",
             "synthetic-diagnostics.csv"} <= names
     assert "![synthetic-shapley](figures/synthetic-shapley.png)" in md
+
+
+def test_cost_section_gives_median_and_largest_share_per_method():
+    from benchmark.report_diagnostics import cost_section
+
+    def rec(method, seconds, wall):
+        return {"method": method, "metrics": {"wall_seconds": wall, "diagnostics": {"seconds": seconds}}}
+
+    text = cost_section([rec("joint", 1.0, 10.0), rec("joint", 3.0, 10.0), rec("joint", 2.0, 40.0),
+                         rec("ensemble", 0.5, 2.0), {"method": "mla", "metrics": {"wall_seconds": 5.0}}])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "method" not in line}
+    assert rows["joint"] == ["3", "10.0", "30.0", "3.00 / 10.00"]  # shares 10%, 30%, 5%: median 10%
+    assert rows["ensemble"] == ["1", "25.0", "25.0", "0.50 / 2.00"]
+    assert "mla" not in rows  # no diagnostics in its record
+    assert "6.5 s of diagnostics on 62 s of runs (10.5%)" in text
+    assert cost_section([{"method": "joint", "metrics": {}}]) == ""

@@ -73,3 +73,40 @@ def test_a_changed_dataset_default_or_content_is_not_reused(tiny: dict, tmp_path
     monkeypatch.setitem(synthetic.PRESETS, "imbalanced", preset)
     again = execute(prepare(build_config(cfg)), cache_dir=cache)
     assert again["method_record"]["unimodal"]["m0"]["reused"] is False
+
+
+def test_noisy_logits_of_a_checkpoint_are_shared_and_equal_a_fresh_evaluation(tiny: dict, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """The unimodal runs write their checkpoint's noisy-input logits beside it; the ensemble of the
+    same seed reads them instead of evaluating its heads again, and gets the same diagnostics as
+    an ensemble evaluated without any cache."""
+    import benchmark.diagnostics as diag
+
+    cache = str(tmp_path / "cache")
+    uni = {m: execute(prepare(build_config(dict(tiny, method="unimodal", **{"method.modality": m}))),
+                      cache_dir=cache) for m in ("m0", "m1")}
+    memos = sorted((tmp_path / "cache" / "unimodal").glob("*.noise/*.pt"))
+    assert len(memos) == 2 * len(diag.NOISE_LEVELS)  # one per (checkpoint, σ): each reads one modality
+    for m, record in uni.items():
+        d = record["metrics"]["diagnostics"]
+        other = "m1" if m == "m0" else "m0"  # not read by the model: the clean accuracy, no pass
+        assert d["noise_accuracy"][other] == [record["metrics"]["accuracy"]] * len(diag.NOISE_LEVELS)
+
+    calls = []
+    original_stream = diag._noise_stream
+    monkeypatch.setattr(diag, "_noise_stream", lambda *a: calls.append(a) or original_stream(*a))
+    shared = execute(prepare(build_config(dict(tiny, method="ensemble"))), cache_dir=cache)
+    assert calls == []  # every noisy head came from the checkpoints' memos
+    monkeypatch.setattr(diag, "_noise_stream", original_stream)
+    fresh = execute(prepare(build_config(dict(tiny, method="ensemble"))))  # no cache: computed here
+    assert shared["metrics"]["diagnostics"]["noise_accuracy"] == fresh["metrics"]["diagnostics"]["noise_accuracy"]
+
+    # a retrained checkpoint (another file version) is not matched by the old memo
+    ckpt = Path(uni["m0"]["method_record"]["unimodal"]["m0"]["checkpoint"])
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data)  # same content, new mtime: the memo key no longer fits
+    calls.clear()
+    monkeypatch.setattr(diag, "_noise_stream", lambda *a: calls.append(a) or original_stream(*a))
+    again = execute(prepare(build_config(dict(tiny, method="ensemble"))), cache_dir=cache)
+    assert {c[1] for c in calls} == {"m0"}  # m0's noisy logits computed again, m1's read
+    assert again["metrics"]["diagnostics"]["noise_accuracy"] == fresh["metrics"]["diagnostics"]["noise_accuracy"]
