@@ -19,13 +19,14 @@ HEAVY = ("torch", "torchvision", "torchaudio", "pandas", "matplotlib", "optuna")
 # Runs the command line as `python -m benchmark` does and reports which heavy modules it loaded.
 PROBE = """
 import json, runpy, sys
+heavy = json.loads(sys.argv[2])
 sys.argv = ["benchmark", *json.loads(sys.argv[1])]
 try:
     runpy.run_module("benchmark", run_name="__main__", alter_sys=True)
     code = 0
 except SystemExit as exc:
     code = exc.code
-print(json.dumps({"code": code, "loaded": [m for m in json.loads(sys.argv[2]) if m in sys.modules]}))
+print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}))
 """
 
 
