@@ -223,3 +223,20 @@ def test_bench_runs_on_its_default_output_folder(tmp_path: Path, monkeypatch, ca
     assert out.startswith("joint") and "acc" in out
     (record_file,) = (tmp_path / "runs").glob("joint-synthetic-seed0-*.json")
     assert json.loads(record_file.read_text())["config"]["epochs"] == 1
+
+
+# --- progress on screen -------------------------------------------------------------------------------
+def test_screen_counts_epochs_as_the_record_and_announces_probes_and_diagnostics(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "runs"
+    code, _, err = run_cli(["run", "--method", "joint", "--out", str(out), *TINY[:-3], "--epochs", "3",
+                            "--set", "lr=0.05"], capsys)
+    assert code == 0, err
+    record = json.loads(next(out.glob("*.json")).read_text())
+    lines = err.splitlines()
+    for row in record["history"]:  # each epoch on screen under the number the record gives it
+        assert any(line.startswith(f"[joint] epoch {row['epoch']} ({row['epoch'] + 1} of 3)") for line in lines), err
+    best = record["stages"]["joint"]["best_epoch"]
+    assert f"[joint] best epoch {best} (val acc {record['stages']['joint']['best_val_accuracy']:.4f})" in err
+    probes = next(i for i, line in enumerate(lines) if line.startswith("fitting linear probes"))
+    diagnostics = next(i for i, line in enumerate(lines) if line.startswith("diagnostics:"))
+    assert probes < diagnostics and "m0, m1" in lines[probes]
