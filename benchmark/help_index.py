@@ -60,7 +60,19 @@ def write_index(path: Path = INDEX_PATH) -> None:
     path.write_text(json.dumps(build_index(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmark.help_index",
+                                     description=f"Rewrite {INDEX_PATH.name} from the registries (after a "
+                                                 "method's or dataset's options changed).")
+    parser.add_argument("--check", action="store_true", help="only check: exit 1 if the file is stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        if load_index() != json.loads(json.dumps(build_index())):
+            print(f"error: {INDEX_PATH} is stale; run `python -m benchmark.help_index`", file=sys.stderr)
+            return 1
+        return 0
     write_index()
     print(f"written {INDEX_PATH}", file=sys.stderr)
     return 0
