@@ -1,4 +1,6 @@
-"""Sub-commands ``sweep``, ``report`` and ``tune`` (see ``python -m benchmark <command> --help``)."""
+"""Sub-commands ``sweep``, ``report``, ``tune``, ``perf`` and ``data`` (see ``python -m benchmark
+<command> --help``). Registering them imports no torch, pandas, matplotlib or optuna: each handler
+imports the module that does the work when it runs, so that every ``--help`` answers at once."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_sweep(sub)
     _register_report(sub)
     _register_tune(sub)
+    _register_perf(sub)
+    _register_data(sub)
 
 
 # --- sweep -----------------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 # --- report ----------------------------------------------------------------------------------------
 def _register_report(sub: argparse._SubParsersAction) -> None:
-    from benchmark.report import DESCRIPTION, add_arguments
+    from benchmark.report_args import DESCRIPTION, add_arguments
 
     p = sub.add_parser("report", help="tables and figures from a result store (no training)",
                        description=DESCRIPTION)
@@ -232,3 +236,57 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from benchmark.tune import tune_command
 
     return tune_command(args)
+
+
+# --- perf -------------------------------------------------------------------------------------------
+def _register_perf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("perf", help="throughput of every method as ratios to a minimal loop",
+                       description="Training throughput, step time and peak memory of every method, each as a "
+                                   "ratio to a minimal PyTorch loop timed in the same process; the table goes "
+                                   "to --out.")
+    p.add_argument("--settings", default="small,resnet", help="small, resnet or both [small,resnet]")
+    p.add_argument("--methods", default="", help="comma-separated methods [all registered]")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported) [3]")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per timed run; the first is warm-up [3]")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] [auto]")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
+    p.add_argument("--out", default="reports/perf.md", help="where the table is written [reports/perf.md]")
+    p.set_defaults(handler=cmd_perf)
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from benchmark.perf import perf_command
+
+    return perf_command(args)
+
+
+# --- data -------------------------------------------------------------------------------------------
+def _register_data(sub: argparse._SubParsersAction) -> None:
+    from benchmark.help_index import load_index
+
+    p = sub.add_parser("data", help="list the datasets, or prepare one",
+                       description="List every dataset with its modalities, classes, size and whether it is "
+                                   "present on this machine, or prepare one into the dataset cache.")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=type(p))
+    lst = verbs.add_parser("list", help="every dataset: modalities, classes, size, present here")
+    lst.set_defaults(handler=cmd_data_list)
+    prep = verbs.add_parser("prepare", help="decode a dataset once into the cache (or generate it)")
+    prep.add_argument("name", help=f"one of: {', '.join(load_index()['datasets'])}")
+    prep.add_argument("--root", "--data-root", dest="root", help="folder holding the release (on-disk datasets)")
+    prep.add_argument("--cache-dir", help="dataset cache folder (default $BMB_CACHE_DIR or "
+                                          "~/.cache/balanced-mm-bench)")
+    prep.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                      help="dataset option, e.g. --set frames=3 (a leading 'dataset.' is optional)")
+    prep.set_defaults(handler=cmd_data_prepare)
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from benchmark.data.commands import cmd_list
+
+    return cmd_list(args)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from benchmark.data.commands import cmd_prepare
+
+    return cmd_prepare(args)

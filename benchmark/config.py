@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from benchmark.errors import UsageError
@@ -218,3 +219,78 @@ def options_help(options_cls: type) -> list[tuple[str, str, str]]:
             default = "required"
         rows.append((f.name, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+# --- configuration files (``run --config FILE.toml``, ``run --print-config``) ------------------------
+# A file holds the keys of ``--set``, with TOML values: ``lr = 0.05``, ``method = "udi"``,
+# ``"method.lambda_uni" = 0.5`` (a dotted key quoted, so that it can sit beside ``method = ...``).
+# A table is the same as dotted keys: ``[method]`` with ``lambda_uni = 0.5`` (or the unquoted
+# ``method.lambda_uni = 0.5``) is ``method.lambda_uni``; TOML forbids such a table in a file that
+# also sets ``method = "..."``, so a file that names the method quotes its method keys.
+def read_config_file(path: str) -> dict[str, Any]:
+    """The flat assignments of a TOML configuration file; a missing or malformed file, or a value
+    that is not a string, number or boolean, is a UsageError naming the file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        why = "is a folder" if file.is_dir() else "does not exist"
+        raise UsageError(f"config file {path!r} {why}; give the path of a TOML file to --config")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise UsageError(f"config file {path!r} cannot be read ({why}); give a readable TOML file") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        hint = (" (a file that sets method or dataset must quote its dotted keys: \"method.name\" = value)"
+                if "overwrite" in str(exc) or "redefine" in str(exc) else "")
+        raise UsageError(f"{path}: not valid TOML: {exc}{hint}") from None
+    flat: dict[str, Any] = {}
+
+    def walk(table: dict[str, Any], prefix: str) -> None:
+        for key, value in table.items():
+            name = prefix + key
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif isinstance(value, (str, int, float, bool)):
+                if name in flat:
+                    raise UsageError(f"{path}: {name} is set twice; keep one")
+                flat[name] = value
+            else:
+                raise UsageError(f"{path}: {name} = {value!r}: a value must be a string, number or boolean")
+
+    walk(data, "")
+    return flat
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    text = str(value)
+    escaped = "".join("\\\\" if c == "\\" else '\\"' if c == '"' else
+                      f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
+    return f'"{escaped}"'
+
+
+def to_toml(flat: dict[str, Any], header: str = "") -> str:
+    """Flat assignments as a TOML file that :func:`read_config_file` reads back to the same values
+    (dotted keys quoted; a value of None, which TOML cannot hold, is left as a comment)."""
+    lines = [f"# {header}"] if header else []
+    for key, value in flat.items():
+        name = key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else _toml_value(key)
+        if value is None:
+            lines.append(f"# {name}: no value (None)")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines)

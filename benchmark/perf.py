@@ -289,19 +289,8 @@ def data_wait(device: torch.device, epochs: int) -> list[str]:
     return lines
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("perf", help="throughput of every method as ratios to a minimal loop")
-    p.add_argument("--settings", default="small,resnet", help="small, resnet or both [small,resnet]")
-    p.add_argument("--methods", default="", help="comma-separated methods [all registered]")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported) [3]")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per timed run; the first is warm-up [3]")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] [auto]")
-    p.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
-    p.add_argument("--out", default="reports/perf.md", help="where the table is written [reports/perf.md]")
-    p.set_defaults(handler=cmd_perf)
-
-
-def cmd_perf(args: argparse.Namespace) -> int:
+def perf_command(args: argparse.Namespace) -> int:
+    """``python -m benchmark perf`` (its arguments: benchmark.commands)."""
     from benchmark.errors import UsageError
     from benchmark.registry import METHODS
 

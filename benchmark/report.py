@@ -35,13 +35,13 @@ import pandas as pd
 from benchmark import report_data
 from benchmark.errors import UsageError
 from benchmark.files import check_parent, check_writable_dir, os_error_line
+from benchmark.report_args import BASELINE, DESCRIPTION, add_arguments
 from benchmark.report_diagnostics import cost_section, diagnostics_section
 from benchmark.report_stats import CI_KIND, holm, paired_gap, paired_interval, t_interval
 from benchmark.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
-BASELINE = "joint"
 # Table order; methods not listed come after, by name.
 METHOD_ORDER = ("joint", "multi_loss", "unimodal", "ensemble", "ogm", "ogm_ge", "mla", "mcr", "udi")
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -680,27 +680,7 @@ def update_readme(readme: Path, section: str) -> None:
         raise UsageError(os_error_line(exc, readme)) from None
 
 
-# --- command line (also ``python -m benchmark.report``: no torch needed) ------------------------------
-DESCRIPTION = ("Per dataset, one row per configuration: mean ± sd, Student-t 95% CI and seeds of accuracy and "
-               "macro-F1, per-modality probe accuracies, the paired gap to a baseline row with Holm-adjusted "
-               "p-values (Markdown, CSV, LaTeX), a one-row-per-run export (CSV, Parquet), and figures (PNG, PDF). "
-               "Reads the records only; writes into --out, and README.md only when asked or for the "
-               "repository's own results/.")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default="results",
-                   help="a sweep store or a folder of `run --out` records [results]")
-    p.add_argument("--out", default=None, help="folder for tables and figures [a reports/ folder beside the store]")
-    p.add_argument("--readme", default=None,
-                   help="README whose results section is rewritten ('none': no README) [the repository's "
-                        "README.md when the store is the repository's results/, else none]")
-    p.add_argument("--baseline", default=BASELINE,
-                   help=f"row (label, or a method with one row) the others are compared with [{BASELINE}]")
-    p.add_argument("--smoke", action="store_true", help="report the smoke records (left out otherwise)")
-    p.add_argument("--no-figures", action="store_true", help="tables only")
-
-
+# --- command line (also ``python -m benchmark.report``: no torch needed; arguments in report_args) -------
 def report_command(args: argparse.Namespace) -> int:
     store = Path(args.store)
     if args.readme is None:

@@ -195,6 +195,8 @@ def evaluate(run: PreparedRun, trainer: Trainer) -> tuple[dict[str, Any], tuple[
         "unimodal_accuracy": {m: accuracy(z, test_y) for m, z in (test.unimodal or {}).items()},
     }
     if run.cfg.probe:
+        trainer.log(f"fitting linear probes on the frozen features of {', '.join(test.features)} "
+                    f"({len(run.data.splits['train'])} training samples)")
         train, train_y = trainer.collect(method.eval_forward, method.model, "train")
         metrics["probe_accuracy"] = {
             m: linear_probe_accuracy(train.features[m], train_y, test.features[m], test_y)
@@ -239,6 +241,8 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
         parameters=sum(p.numel() for p in method.model.parameters()),
     )
     if diagnostics is not None:
+        trainer.log(f"diagnostics: test accuracy of every subset of the {len(run.data.info.modality_names)} "
+                    "modalities (Shapley values, utilisation) and under Gaussian noise")
         metrics["diagnostics"] = diagnostics.evaluate(test_outputs)
     return {
         "schema": 1,

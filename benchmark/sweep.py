@@ -595,12 +595,32 @@ def _worker_main(items: list[PlannedRun], spec: WorkerSpec, events: Any) -> None
 
 
 # --- progress ---------------------------------------------------------------------------------------
+def live_bar(console: Any = None) -> Any:
+    """The live display: the bar with its counts and times on one line, the last finished run on
+    the next, cut to the terminal's width, so that a long run label never squeezes the bar out
+    (it fits in 80 columns)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+    from rich.text import Text
+
+    class SweepBar(RichProgress):
+        def get_renderables(self) -> Any:
+            yield self.make_tasks_table(self.tasks)
+            for task in self.tasks:
+                if task.fields.get("last"):
+                    yield Text(f"  last: {task.fields['last']}", no_wrap=True, overflow="ellipsis")
+
+    return SweepBar(TextColumn("[bold]{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
+                    TextColumn("failed {task.fields[failed]}"), TextColumn("elapsed"), TimeElapsedColumn(),
+                    TextColumn("eta {task.fields[eta]}"), transient=False, console=console)
+
+
 class Progress:
     """Runs done, failed, remaining, elapsed and estimated time: a live bar on a terminal,
-    one line per finished run otherwise."""
+    one line per finished run otherwise. ``console``: where the bar goes (rich's; tests)."""
 
     def __init__(self, total: int, already: int, todo: list[PlannedRun], jobs: int = 1,
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, console: Any = None) -> None:
         self.total, self.already, self.to_run, self.jobs = total, already, len(todo), jobs
         self.done = self.failed = self.trained = self.reused = 0
         self.busy_keys: set[str] = set()  # held by another process when this one reached them
@@ -613,12 +633,7 @@ class Progress:
         self.live = sys.stderr.isatty() if live is None else live
         self._bar = None
         if self.live and todo:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RichProgress
-            self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("failed {task.fields[failed]}"),
-                                     TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
-                                     TextColumn("{task.fields[last]}"), transient=False)
+            self._bar = live_bar(console)
             self._task = self._bar.add_task("sweep", total=self.to_run, failed=0, eta="?", last="")
             self._bar.start()
 

@@ -257,8 +257,9 @@ class Trainer:
             self.history.append(row)
             if self.on_epoch_end:
                 self.on_epoch_end(row)
-            self.log(f"[{stage.name}] epoch {epoch + 1}/{epochs}  loss {means.get('loss', float('nan')):.4f}"
-                     f"  val acc {val_acc:.4f}  {epoch_time:.1f}s")
+            # epochs are numbered from 0, on screen as in the record (history, best_epoch); "k of n" counts them
+            self.log(f"[{stage.name}] epoch {epoch} ({epoch + 1} of {epochs})  loss "
+                     f"{means.get('loss', float('nan')):.4f}  val acc {val_acc:.4f}  {epoch_time:.1f}s")
             if val_acc > best_acc:
                 best_acc, best_epoch = val_acc, epoch
                 best_state = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
@@ -278,6 +279,7 @@ class Trainer:
                 break
         if best_state is not None:
             stage.module.load_state_dict(best_state)
+            self.log(f"[{stage.name}] best epoch {best_epoch} (val acc {best_acc:.4f}): its weights restored")
         facts = stage_facts([row["val_accuracy"] for row in history], epochs, patience, stopped)
         result = StageResult(stage.name, best_epoch, best_acc, epoch + 1, train_seconds, history,
                              budget=epochs, patience=patience, stopped_early=stopped,

@@ -289,6 +289,34 @@ def test_progress_counts_sibling_and_foreign_finishes():
     assert (progress.to_run, progress.remaining) == (2, 0)
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_live_bar_keeps_its_bar_at_80_columns(width: int):
+    """A long run label goes on its own line, cut to the width; the bar, the counts and the
+    times stay on the first line, whole."""
+    import io
+
+    from rich.console import Console
+
+    from benchmark.sweep import PlannedRun, Progress
+
+    label = "udi static (0.5, 0.5) anchor m1 guidance progressive order m2,m0 select_on fusion"
+    todo = [PlannedRun({}, "udi", "synthetic-3m", s, label, {}, key=f"k{s}") for s in range(120)]
+    out = io.StringIO()
+    progress = Progress(120, 0, todo, jobs=2, live=True, console=Console(width=width, file=out))
+    done = {"event": "done", "status": "ok", "label": label, "dataset": "synthetic-3m", "seconds": 4.0,
+            "accuracy": 0.6123}
+    for i in range(37):
+        progress.update(dict(done, key=f"k{i}", seed=i))
+    progress.update(dict(done, key="k37", seed=37, status="failed", error="boom " * 40))
+    progress.close()  # prints the final state into `out`
+    lines = out.getvalue().splitlines()
+    assert lines and all(len(line) <= width for line in lines), lines
+    bar = next(line for line in lines if "38/120" in line)
+    assert "━" in bar and "failed 1" in bar and "elapsed" in bar and "eta " in bar
+    assert bar.count("━") >= (width - 70) * 37 // 120  # the bar has room: a third of its width filled
+    assert any(line.strip().startswith(f"last: {label[:30]}") for line in lines)
+
+
 # --- worker placement -------------------------------------------------------------------------------
 def test_visible_gpus_follow_cuda_visible_devices():
     from benchmark.sweep import visible_gpus

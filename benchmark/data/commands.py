@@ -1,5 +1,6 @@
 """``python -m benchmark data list|prepare``: what datasets exist and whether they are here, and
-turning a release on disk (or a generated set) into its prepared cache."""
+turning a release on disk (or a generated set) into its prepared cache. The command line itself
+is registered in benchmark.commands (importing this package imports torch)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,6 @@ from typing import Any
 from benchmark.config import parse_assignments
 from benchmark.errors import UsageError
 from benchmark.registry import DATASETS, list_datasets
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="list the datasets, or prepare one",
-                       description="List every dataset with its modalities, classes, size and whether it is "
-                                   "present on this machine, or prepare one into the dataset cache.")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=type(p))
-    lst = verbs.add_parser("list", help="every dataset: modalities, classes, size, present here")
-    lst.set_defaults(handler=cmd_list)
-    prep = verbs.add_parser("prepare", help="decode a dataset once into the cache (or generate it)")
-    prep.add_argument("name", help=f"one of: {', '.join(list_datasets())}")
-    prep.add_argument("--root", "--data-root", dest="root", help="folder holding the release (on-disk datasets)")
-    prep.add_argument("--cache-dir", help="dataset cache folder (default $BMB_CACHE_DIR or "
-                                          "~/.cache/balanced-mm-bench)")
-    prep.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                      help="dataset option, e.g. --set frames=3 (a leading 'dataset.' is optional)")
-    prep.set_defaults(handler=cmd_prepare)
 
 
 def builder_for(name: str, overrides: dict[str, Any]) -> Any:
