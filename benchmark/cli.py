@@ -20,7 +20,7 @@ from benchmark.registry import DATASETS, METHODS, list_datasets, list_encoders, 
 # Modules that add sub-commands: each has ``register(subparsers)``, which adds its parser(s)
 # with ``set_defaults(handler=function(args) -> exit status)``.
 SUBCOMMAND_MODULES: tuple[str, ...] = ("benchmark.quick", "benchmark.perf", "benchmark.commands",
-                                       "benchmark.data.commands")
+                                       "benchmark.data.commands", "benchmark.evaluate_cmd")
 
 
 class OneLineParser(argparse.ArgumentParser):

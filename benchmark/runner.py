@@ -28,11 +28,14 @@ from benchmark.errors import DivergedError, UsageError
 from benchmark.files import check_writable_dir, current_umask, os_error_line
 from benchmark.method import EvalOutput, Method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
-from benchmark.registry import ENCODERS
+from benchmark.models.encoders import encoder_factory
 from benchmark.trainer import Trainer
 
-# Options that change where or how fast a run goes, never its result: left out of its key.
-NOT_IN_KEY = ("device", "num_workers", "cache_dir")
+# Options that change where or how fast a run goes, or what it leaves beside its record, never
+# its result: left out of its key.
+NOT_IN_KEY = ("device", "num_workers", "cache_dir", "log", "log_dir", "save_checkpoint")
+# Options left out of the key while they hold their default (so that older keys stay valid).
+KEY_WHEN_SET = ("encoder_weights",)
 
 
 @dataclass
@@ -45,7 +48,8 @@ class PreparedRun:
 
     @property
     def key(self) -> str:
-        return config_hash({k: v for k, v in self.resolved.items() if k not in NOT_IN_KEY})
+        return config_hash({k: v for k, v in self.resolved.items()
+                            if k not in NOT_IN_KEY and not (k in KEY_WHEN_SET and not v)})
 
 
 def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
@@ -55,11 +59,15 @@ def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
     device = pick_device(cfg.device)
     dataset_options = resolve_dataset_options(cfg.dataset, cfg.dataset_options)
     for name in cfg.encoder.values():
-        ENCODERS.get(name)
+        encoder_factory(name)
+    from benchmark.tracking import check_tracking
+
+    check_tracking(cfg.log, cfg.log_dir)
     if data is None:
         data = create_dataset(cfg.dataset, cfg.dataset_options)
     method = create_method(cfg.method, data.info, cfg)
     check_trainable(method, data)
+    check_pretrained(method, data)
     if cfg.cache_dir:
         check_cache_dir(cfg.cache_dir)
     resolved = cfg.to_dict()
@@ -80,6 +88,16 @@ def check_trainable(method: Method, data: MultimodalData) -> None:
     if n < 2:
         raise UsageError(f"the training split of {data.info.name} has {n} sample(s); a run needs at least 2 "
                          "(raise dataset.n_train or the dataset's size option)")
+
+
+def check_pretrained(method: Method, data: MultimodalData) -> None:
+    """Build, once before any training, each encoder that reads local weights or comes from timm or
+    torchvision: a missing, corrupt or mismatched weights file and an unknown model name are
+    refused here (the global random state is left as it was)."""
+    for m in data.info.modality_names:
+        if method.cfg.encoder_weights.get(m) or ":" in method.encoder_name(m):
+            with seeded(method.cfg.seed, f"prepare/check-encoder/{m}"):
+                method.make_encoder(m)
 
 
 def check_cache_dir(folder: str) -> None:
@@ -321,13 +339,41 @@ def record_path(out: Path, run: PreparedRun) -> Path:
 
 def run_and_record(run: PreparedRun, out: Path, log: Callable[[str], None] | None = None
                    ) -> tuple[Path, dict[str, Any]]:
-    """Execute and write the record (ok or failed, never partial). Re-raises DivergedError."""
-    cache = run.cfg.cache_dir or str(out / "cache")
-    path = record_path(out, run)
+    """Execute and write the record (ok or failed, never partial). Re-raises DivergedError.
+    With ``log`` set the run is tracked (benchmark.tracking); with ``save_checkpoint`` the selected
+    model is written beside the record first (benchmark.checkpoint)."""
+    return execute_and_write(run, record_path(out, run), log=log, cache_dir=run.cfg.cache_dir or str(out / "cache"))
+
+
+def execute_and_write(run: PreparedRun, path: Path, log: Callable[[str], None] | None = None,
+                      cache_dir: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """:func:`execute`, then the checkpoint (``save_checkpoint``) and the record at ``path``, with
+    the tracking logs (``log``) beside it."""
+    from benchmark.tracking import log_folder, open_tracker
+
+    cfg = run.cfg
+    tracker = open_tracker(cfg.log, cfg.log_dir, path, run.resolved)
+    ok = False
     try:
-        record = execute(run, log=log, cache_dir=cache)
-    except DivergedError as exc:
-        write_json_atomic(path, failed_record(run, exc))
-        raise
-    write_json_atomic(path, record)
+        try:
+            record = execute(run, log=log, cache_dir=cache_dir,
+                             on_epoch_end=tracker.epoch if tracker is not None else None)
+        except DivergedError as exc:
+            write_json_atomic(path, failed_record(run, exc))
+            raise
+        if cfg.save_checkpoint:
+            from benchmark.checkpoint import checkpoint_path, save_checkpoint
+
+            ckpt = checkpoint_path(path)
+            save_checkpoint(ckpt, run, record, path)
+            record["checkpoint"] = ckpt.name
+        if tracker is not None:
+            record["tracking"] = {"log": cfg.log, "folder": str(log_folder(cfg.log_dir, path))}
+        write_json_atomic(path, record)
+        if tracker is not None:
+            tracker.finish(record)
+        ok = True
+    finally:
+        if tracker is not None:
+            tracker.close(ok)
     return path, record
