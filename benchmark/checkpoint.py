@@ -62,6 +62,7 @@ def save_checkpoint(path: Path, run: PreparedRun, record: dict[str, Any], record
 def write_atomic(path: Path, payload: Any) -> None:
     """torch.save through a temporary file in the same folder, then rename: never half a file."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise UsageError(os_error_line(exc, path)) from None

@@ -44,8 +44,8 @@ def check_tracking(log: str, log_dir: str) -> None:
         return
     package = PACKAGES[log]
     if importlib.util.find_spec(package) is None:
-        raise UsageError(f"log={log} needs the package {package}; pip install {package} "
-                         f"(or 'balanced-mm-bench[log]'), or leave log empty")
+        extra = " (or 'balanced-mm-bench[log]')" if log == "tensorboard" else ""
+        raise UsageError(f"log={log} needs the package {package}; pip install {package}{extra}, or leave log empty")
     if log_dir:
         path = Path(log_dir).expanduser()
         if path.exists() and not path.is_dir():
