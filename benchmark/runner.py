@@ -225,10 +225,16 @@ def evaluate(run: PreparedRun, trainer: Trainer) -> tuple[dict[str, Any], tuple[
 
 def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
             cache_dir: str | None = None,
-            on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+            writes_outputs: bool = False) -> dict[str, Any]:
     """Train and evaluate; returns the result record (status ok). Raises DivergedError.
-    ``on_epoch_end(row)`` sees each per-epoch history row (tuning prunes from it)."""
+    ``on_epoch_end(row)`` sees each per-epoch history row (tuning prunes from it).
+    ``writes_outputs``: the caller writes the tracking logs and the checkpoint (:func:`execute_and_write`);
+    any other caller is told, in its log, that ``log`` and ``save_checkpoint`` are not applied."""
     cfg = run.cfg
+    if (cfg.log or cfg.save_checkpoint) and not writes_outputs and log is not None:
+        log("note: log and save_checkpoint are applied by `python -m benchmark run` (runner.execute_and_write); "
+            "this run writes no tracking logs and no checkpoint")
     set_determinism(run.device)
     seed_everything(cfg.seed)
     if run.device.type == "cuda":
@@ -357,7 +363,7 @@ def execute_and_write(run: PreparedRun, path: Path, log: Callable[[str], None] |
     try:
         try:
             record = execute(run, log=log, cache_dir=cache_dir,
-                             on_epoch_end=tracker.epoch if tracker is not None else None)
+                             on_epoch_end=tracker.epoch if tracker is not None else None, writes_outputs=True)
         except DivergedError as exc:
             write_json_atomic(path, failed_record(run, exc))
             raise
