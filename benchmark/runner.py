@@ -74,6 +74,7 @@ def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
     resolved["method_options"] = options_of(method.options)
     resolved["dataset_options"] = options_of(dataset_options)
     resolved["encoder"] = {m: method.encoder_name(m) for m in data.info.modality_names}
+    resolved["encoder_weights"] = {m: w for m, w in cfg.encoder_weights.items() if w}  # "" = none
     return PreparedRun(cfg, data, method, device, resolved)
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.checkpoint import checkpoint_path, load_checkpoint
+from benchmark.checkpoint import checkpoint_path, config_of, load_checkpoint
 from benchmark.cli import main
-from benchmark.config import build_config
+from benchmark.config import build_config, config_hash
+from benchmark.evaluate_cmd import evaluate_checkpoint
+from benchmark.registry import list_methods
 from benchmark.runner import prepare, run_and_record
 
 
@@ -97,3 +99,26 @@ def test_evaluate_refuses_what_it_cannot_use(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse refuses a split that is not val or test
         main(["evaluate", str(path), "--split", "train"])
     assert exit_.value.code == 2 and "invalid choice: 'train'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", sorted(set(list_methods()) - {"joint", "udi"}))
+def test_every_method_evaluates_to_its_records_accuracy(method, tiny, tmp_path):
+    _, path, record = _run(tiny, tmp_path, method, diagnostics="false", probe="false")
+    assert evaluate_checkpoint(path)["accuracy"] == record["metrics"]["accuracy"]
+    assert evaluate_checkpoint(checkpoint_path(path), "val")["accuracy"] == record["metrics"]["val_accuracy"]
+
+
+def test_rebuild_skips_backbone_weights_files_but_keeps_folders():
+    ckpt = {"config": {"method": "joint", "encoder": {"visual": "timm:resnet18", "text": "hf"},
+                       "encoder_weights": {"visual": "/gone/resnet18.pth", "text": "/models/bert"}}}
+    cfg = config_of(ckpt, "cpu")
+    # the checkpoint holds the backbone's trained weights; an hf folder defines the architecture
+    assert cfg.encoder_weights == {"text": "/models/bert"} and cfg.device == "cpu"
+
+
+def test_keys_of_runs_without_the_new_options_are_unchanged(tiny):
+    run = prepare(build_config({**tiny, "method": "joint"}))
+    new = ("device", "num_workers", "cache_dir", "log", "log_dir", "save_checkpoint", "encoder_weights")
+    assert run.key == config_hash({k: v for k, v in run.resolved.items() if k not in new})
+    weighted = prepare(build_config({**tiny, "method": "joint", "encoder_weights.m0": "", "save_checkpoint": "true"}))
+    assert weighted.key == run.key
