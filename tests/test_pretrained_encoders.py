@@ -187,3 +187,26 @@ def test_hugging_face_model_from_a_local_folder(tmp_path):
     big = TokenSpec("text", "tokens", (8,), "hf", vocab_size=1000)
     with pytest.raises(UsageError, match="token ids up to 999, the model in .* knows 15"):
         create_encoder("hf", big, str(folder))
+
+
+def test_cached_unimodal_models_are_keyed_by_their_starting_weights(tmp_path):
+    import os
+
+    from benchmark.method import create_method
+    from benchmark.unimodal import unimodal_key
+
+    path, saved = _timm_file(tmp_path)
+    data = _image_data()
+
+    def key(**assign: str) -> dict:
+        cfg = build_config({"method": "unimodal", "method.modality": "visual", "encoder.visual": "timm:resnet18",
+                            **assign})
+        return unimodal_key(create_method("unimodal", data.info, cfg), "visual", data)
+
+    scratch, first = key(), key(**{"encoder_weights.visual": str(path)})
+    assert "encoder_weights" not in scratch and first["encoder_weights"]["path"] == str(path.resolve())
+    assert key(**{"encoder_weights.visual": str(path)}) == first  # the same file: the same key
+    torch.save({k: v * 2 if v.is_floating_point() else v for k, v in saved.items()}, path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert key(**{"encoder_weights.visual": str(path)}) != first  # replaced under the same name

@@ -3,6 +3,7 @@ its client API (a stand-in client here) and refused with one line when the packa
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.config import build_config
-from benchmark.errors import UsageError
+from benchmark.errors import DivergedError, UsageError
 from benchmark.runner import prepare, run_and_record
 
 
@@ -147,7 +148,9 @@ class _FakeClient:
         self.status = status
 
 
-def test_mlflow_run_through_its_client(tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def fake_mlflow(monkeypatch):
+    """A stand-in ``mlflow`` package whose client keeps what it is given."""
     mlflow = types.ModuleType("mlflow")
     tracking = types.ModuleType("mlflow.tracking")
     tracking.MlflowClient = _FakeClient
@@ -160,9 +163,13 @@ def test_mlflow_run_through_its_client(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: types.SimpleNamespace() if name == "mlflow" else real(name, *a))
     _FakeClient.instances.clear()
+    return _FakeClient.instances
+
+
+def test_mlflow_run_through_its_client(tiny, tmp_path, fake_mlflow):
     cfg = build_config({**tiny, "method": "udi", "log": "mlflow", "device": "cpu", "diagnostics": "false"})
     path, record = run_and_record(prepare(cfg), tmp_path / "runs")
-    (client,) = _FakeClient.instances
+    (client,) = fake_mlflow
     assert client.uri == (tmp_path / "runs" / "mlruns").resolve().as_uri()
     assert client.run_name == path.stem and client.status == "FINISHED"
     assert client.params["method"] == "udi"
@@ -171,3 +178,15 @@ def test_mlflow_run_through_its_client(tiny, tmp_path, monkeypatch):
     # ':' is not allowed in MLflow names: the stage's becomes '_'
     assert client.metrics[f"udi_follower_{follower}/lambda_con"] == {r["epoch"]: r["lambda_con"] for r in rows}
     assert client.metrics["test/accuracy"] == {0: record["metrics"]["accuracy"]}
+
+
+def test_a_diverging_run_ends_its_logs_as_failed_and_keeps_no_checkpoint(tiny, tmp_path, fake_mlflow):
+    cfg = build_config({**tiny, "method": "joint", "log": "mlflow", "device": "cpu", "lr": "1e30",
+                        "weight_decay": "0", "save_checkpoint": "true"})
+    with pytest.raises(DivergedError):
+        run_and_record(prepare(cfg), tmp_path / "runs")
+    (client,) = fake_mlflow
+    assert client.status == "FAILED"
+    (record_file,) = (tmp_path / "runs").glob("*.json")
+    assert json.loads(record_file.read_text())["status"] == "failed"
+    assert not list((tmp_path / "runs").glob("*.pt"))
