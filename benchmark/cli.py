@@ -31,7 +31,7 @@ from benchmark.help_index import load_index, render_options
 # Modules that add sub-commands: each has ``register(subparsers)``, which adds its parser(s)
 # with ``set_defaults(handler=function(args) -> exit status)``. Importing them and calling
 # ``register`` may not import torch (tests/test_cli_help.py checks every command's --help).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("benchmark.quick", "benchmark.commands")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("benchmark.quick", "benchmark.commands", "benchmark.evaluate_cmd")
 
 LIST_KINDS = ("methods", "datasets", "encoders", "fusions")
 
@@ -109,6 +109,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--print-config", action="store_true",
                      help="print the resolved configuration (every option, as TOML that --config reads) and "
                           "exit without training")
+    run.add_argument("--log", choices=("tensorboard", "mlflow"),
+                     help="experiment tracking beside the record (same as --set log=...)")
+    run.add_argument("--save-checkpoint", action="store_true", default=None,
+                     help="keep the selected model beside the record, for `evaluate` (same as --set save_checkpoint=true)")
     run.add_argument("--out", default="runs", help="folder for the result record; its parent must exist [runs]")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--print-record", action="store_true", help="print the whole record as JSON on stdout")
@@ -148,8 +152,8 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
     from benchmark.registry import DATASETS, METHODS
 
     given: dict[str, Any] = parse_assignments(args.assignments)
-    for name in ("method", "dataset", "seed", "epochs", "device"):
-        if getattr(args, name) is not None:
+    for name in ("method", "dataset", "seed", "epochs", "device", "log", "save_checkpoint"):
+        if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
     from_file = read_config_file(args.config) if args.config else {}
     merged = {**from_file, **given}

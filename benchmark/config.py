@@ -2,7 +2,8 @@
 
 Every option of a run lives in :class:`RunConfig` (shared options) or in the ``Options``
 dataclass of a method or dataset (their own options, addressed as ``method.<name>`` and
-``dataset.<name>``). Encoders per modality are set with ``encoder.<modality>=<name>``.
+``dataset.<name>``). Encoders per modality are set with ``encoder.<modality>=<name>`` and their
+local pretrained weights with ``encoder_weights.<modality>=<path>``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ class RunConfig:
     precise_bn: int = opt(512, "before each validation, recompute the BatchNorm statistics of the trained "
                                 "layers on up to this many training samples (0 = keep the running averages)")
     fusion: str = opt("concat", "fusion head for fused methods: concat, sum, film or gated")
-    encoder: dict = opt({}, "encoder per modality, e.g. encoder.audio=resnet18_audio (default: the dataset's)")
+    encoder: dict = opt({}, "encoder per modality, e.g. encoder.audio=resnet18_audio, encoder.visual=timm:resnet18, "
+                            "encoder.visual=tv:resnet18 or encoder.text=hf (default: the dataset's)")
+    encoder_weights: dict = opt({}, "local pretrained weights per modality, set as encoder_weights.<modality>=<path>: "
+                                    "a state_dict file for timm:/tv: encoders, a save_pretrained folder for hf")
     device: str = opt("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:<i> or mps")
     amp: str = opt("auto", "mixed precision: auto (bf16/fp16 on CUDA only), off, bf16 or fp16")
     num_workers: int = opt(0, "data-loader worker processes for on-disk datasets")
@@ -66,6 +70,11 @@ class RunConfig:
     absent: str = opt("zeros", "diagnostics: an absent modality's input is zeros or the training-set mean "
                                "(late fusions of unimodal heads leave the head out instead)")
     cache_dir: str = opt("", "where unimodal checkpoints are kept for reuse (default: <out>/cache)")
+    log: str = opt("", "experiment tracking besides the JSON record: tensorboard or mlflow (empty: none)")
+    log_dir: str = opt("", "where the tracking logs go (default: the record's folder); each run writes "
+                           "<log_dir>/<record name>.tensorboard, or an MLflow store <log_dir>/mlruns")
+    save_checkpoint: bool = opt(False, "keep the selected model beside the record (<record name>.pt), "
+                                       "for `python -m benchmark evaluate`")
     method_options: dict = opt({}, "method options, set as method.<name>=<value>")
     dataset_options: dict = opt({}, "dataset options, set as dataset.<name>=<value>")
 
@@ -102,6 +111,8 @@ class RunConfig:
             "amp": ("auto", "off", "bf16", "fp16"),
             "absent": ("zeros", "mean"),
         }
+        if self.log not in ("", "tensorboard", "mlflow"):
+            raise UsageError(f"log must be tensorboard, mlflow or empty (no tracking), got {self.log!r}")
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(
@@ -188,18 +199,20 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
 
 
 def build_config(assignments: dict[str, Any]) -> RunConfig:
-    """A :class:`RunConfig` from flat assignments; ``method.*``, ``dataset.*`` and
-    ``encoder.*`` keys go to the nested mappings (checked later against the plug-in's options)."""
+    """A :class:`RunConfig` from flat assignments; ``method.*``, ``dataset.*``, ``encoder.*`` and
+    ``encoder_weights.*`` keys go to the nested mappings (checked later against the plug-in's
+    options and the dataset's modalities)."""
     cfg = RunConfig()
     flat: dict[str, Any] = {}
+    nested = {"method": cfg.method_options, "dataset": cfg.dataset_options, "encoder": cfg.encoder,
+              "encoder_weights": cfg.encoder_weights}
     for key, value in assignments.items():
         head, dot, rest = key.partition(".")
-        if dot and head in ("method", "dataset", "encoder") and rest:
-            target = {"method": cfg.method_options, "dataset": cfg.dataset_options,
-                      "encoder": cfg.encoder}[head]
-            target[rest] = value
-        elif key in ("method_options", "dataset_options", "encoder"):
-            raise UsageError(f"set {key} entries one by one, as {key.split('_')[0]}.<name>=<value>")
+        if dot and head in nested and rest:
+            nested[head][rest] = value if head != "encoder_weights" else str(value)
+        elif key in ("method_options", "dataset_options", "encoder", "encoder_weights"):
+            name = {"method_options": "method", "dataset_options": "dataset"}.get(key, key)
+            raise UsageError(f"set {key} entries one by one, as {name}.<name>=<value>")
         else:
             flat[key] = value
     apply_overrides(cfg, flat)

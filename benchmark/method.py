@@ -139,7 +139,8 @@ class Method:
         return self.cfg.encoder.get(modality) or self.info.modality(modality).encoder
 
     def make_encoder(self, modality: str) -> nn.Module:
-        return create_encoder(self.encoder_name(modality), self.info.modality(modality))
+        return create_encoder(self.encoder_name(modality), self.info.modality(modality),
+                              self.cfg.encoder_weights.get(modality, ""))
 
     def make_encoders(self, modalities: list[str] | None = None) -> nn.ModuleDict:
         return nn.ModuleDict({m: self.make_encoder(m) for m in modalities or self.modalities})
@@ -241,6 +242,15 @@ class Method:
         trainer.fit(self.stage())
         return {}
 
+    # --- checkpoints (benchmark.checkpoint) ------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What evaluation needs besides ``model.state_dict()`` (plain JSON-able values), kept in a
+        checkpoint; a method whose prediction reads attributes set while training overrides this."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`checkpoint_state` after :meth:`build` (before the weights are loaded)."""
+
     @property
     def name(self) -> str:
         return getattr(type(self), "registered_name", type(self).__name__)
@@ -270,12 +280,13 @@ def create_method(name: str, info: DataInfo, cfg: RunConfig) -> Method:
             f"method {name!r} takes {method_cls.min_modalities} to {most} modalities, "
             f"dataset {info.name!r} has {n}; choose a dataset with fewer modalities"
         )
-    for modality in cfg.encoder:
-        if modality not in info.modality_names:
-            raise UsageError(
-                f"encoder.{modality}: dataset {info.name!r} has no modality {modality!r}; "
-                f"its modalities: {', '.join(info.modality_names)}"
-            )
+    for option, mapping in (("encoder", cfg.encoder), ("encoder_weights", cfg.encoder_weights)):
+        for modality in mapping:
+            if modality not in info.modality_names:
+                raise UsageError(
+                    f"{option}.{modality}: dataset {info.name!r} has no modality {modality!r}; "
+                    f"its modalities: {', '.join(info.modality_names)}"
+                )
     method = method_cls(info, cfg, options)
     if hasattr(method, "check"):
         method.check()

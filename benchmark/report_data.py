@@ -21,7 +21,7 @@ from benchmark.convergence import record_still_improving
 from benchmark.store import RECORDS, check_record, read_record
 
 # Shared options that say where a run went or how fast, never what it computed.
-LOCATION_OPTIONS = ("seed", "device", "num_workers", "cache_dir")
+LOCATION_OPTIONS = ("seed", "device", "num_workers", "cache_dir", "log", "log_dir", "save_checkpoint")
 # Nested options (method.*, dataset.*) that name places on disk.
 LOCATION_SUFFIXES = ("_dir", "_path", "_root")
 LOCATION_NAMES = ("root", "path", "cache_dir", "data_dir")
@@ -75,11 +75,11 @@ def is_location(name: str) -> bool:
 
 def flat_options(config: dict[str, Any]) -> dict[str, Any]:
     """The resolved configuration as ``name → value`` with nested options as ``method.<name>``,
-    ``dataset.<name>`` and ``encoder.<modality>``."""
+    ``dataset.<name>``, ``encoder.<modality>`` and ``encoder_weights.<modality>``."""
     out: dict[str, Any] = {}
     for name, value in config.items():
-        if name in ("method_options", "dataset_options", "encoder") and isinstance(value, dict):
-            prefix = {"method_options": "method", "dataset_options": "dataset", "encoder": "encoder"}[name]
+        if name in ("method_options", "dataset_options", "encoder", "encoder_weights") and isinstance(value, dict):
+            prefix = {"method_options": "method", "dataset_options": "dataset"}.get(name, name)
             for sub, v in value.items():
                 out[f"{prefix}.{sub}"] = v
         else:

@@ -28,11 +28,14 @@ from benchmark.errors import DivergedError, UsageError
 from benchmark.files import check_writable_dir, current_umask, os_error_line
 from benchmark.method import EvalOutput, Method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
-from benchmark.registry import ENCODERS
+from benchmark.models.encoders import encoder_factory
 from benchmark.trainer import Trainer
 
-# Options that change where or how fast a run goes, never its result: left out of its key.
-NOT_IN_KEY = ("device", "num_workers", "cache_dir")
+# Options that change where or how fast a run goes, or what it leaves beside its record, never
+# its result: left out of its key.
+NOT_IN_KEY = ("device", "num_workers", "cache_dir", "log", "log_dir", "save_checkpoint")
+# Options left out of the key while they hold their default (so that older keys stay valid).
+KEY_WHEN_SET = ("encoder_weights",)
 
 
 @dataclass
@@ -45,7 +48,8 @@ class PreparedRun:
 
     @property
     def key(self) -> str:
-        return config_hash({k: v for k, v in self.resolved.items() if k not in NOT_IN_KEY})
+        return config_hash({k: v for k, v in self.resolved.items()
+                            if k not in NOT_IN_KEY and not (k in KEY_WHEN_SET and not v)})
 
 
 def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
@@ -55,17 +59,22 @@ def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
     device = pick_device(cfg.device)
     dataset_options = resolve_dataset_options(cfg.dataset, cfg.dataset_options)
     for name in cfg.encoder.values():
-        ENCODERS.get(name)
+        encoder_factory(name)
+    from benchmark.tracking import check_tracking
+
+    check_tracking(cfg.log, cfg.log_dir)
     if data is None:
         data = create_dataset(cfg.dataset, cfg.dataset_options)
     method = create_method(cfg.method, data.info, cfg)
     check_trainable(method, data)
+    check_pretrained(method, data)
     if cfg.cache_dir:
         check_cache_dir(cfg.cache_dir)
     resolved = cfg.to_dict()
     resolved["method_options"] = options_of(method.options)
     resolved["dataset_options"] = options_of(dataset_options)
     resolved["encoder"] = {m: method.encoder_name(m) for m in data.info.modality_names}
+    resolved["encoder_weights"] = {m: w for m, w in cfg.encoder_weights.items() if w}  # "" = none
     return PreparedRun(cfg, data, method, device, resolved)
 
 
@@ -80,6 +89,16 @@ def check_trainable(method: Method, data: MultimodalData) -> None:
     if n < 2:
         raise UsageError(f"the training split of {data.info.name} has {n} sample(s); a run needs at least 2 "
                          "(raise dataset.n_train or the dataset's size option)")
+
+
+def check_pretrained(method: Method, data: MultimodalData) -> None:
+    """Build, once before any training, each encoder that reads local weights or comes from timm or
+    torchvision: a missing, corrupt or mismatched weights file and an unknown model name are
+    refused here (the global random state is left as it was)."""
+    for m in data.info.modality_names:
+        if method.cfg.encoder_weights.get(m) or ":" in method.encoder_name(m):
+            with seeded(method.cfg.seed, f"prepare/check-encoder/{m}"):
+                method.make_encoder(m)
 
 
 def check_cache_dir(folder: str) -> None:
@@ -209,10 +228,16 @@ def evaluate(run: PreparedRun, trainer: Trainer) -> tuple[dict[str, Any], tuple[
 
 def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
             cache_dir: str | None = None,
-            on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+            writes_outputs: bool = False) -> dict[str, Any]:
     """Train and evaluate; returns the result record (status ok). Raises DivergedError.
-    ``on_epoch_end(row)`` sees each per-epoch history row (tuning prunes from it)."""
+    ``on_epoch_end(row)`` sees each per-epoch history row (tuning prunes from it).
+    ``writes_outputs``: the caller writes the tracking logs and the checkpoint (:func:`execute_with_outputs`);
+    any other caller (a tuning trial) is told, in its log, that ``log`` and ``save_checkpoint`` are not applied."""
     cfg = run.cfg
+    if (cfg.log or cfg.save_checkpoint) and not writes_outputs and log is not None:
+        log("note: log and save_checkpoint are applied by `run` and `sweep` (runner.execute_with_outputs); "
+            "this run writes no tracking logs and no checkpoint")
     set_determinism(run.device)
     seed_everything(cfg.seed)
     if run.device.type == "cuda":
@@ -325,11 +350,46 @@ def record_path(out: Path, run: PreparedRun) -> Path:
 
 def run_and_record(run: PreparedRun, out: Path, log: Callable[[str], None] | None = None
                    ) -> tuple[Path, dict[str, Any]]:
-    """Execute and write the record (ok or failed, never partial). Re-raises DivergedError."""
-    cache = run.cfg.cache_dir or str(out / "cache")
-    path = record_path(out, run)
+    """Execute and write the record (ok or failed, never partial). Re-raises DivergedError.
+    With ``log`` set the run is tracked (benchmark.tracking); with ``save_checkpoint`` the selected
+    model is written beside the record first (benchmark.checkpoint)."""
+    return execute_and_write(run, record_path(out, run), log=log, cache_dir=run.cfg.cache_dir or str(out / "cache"))
+
+
+def execute_with_outputs(run: PreparedRun, path: Path, log: Callable[[str], None] | None = None,
+                         cache_dir: str | None = None) -> dict[str, Any]:
+    """:func:`execute`, with the tracking logs (``log``) and the checkpoint (``save_checkpoint``)
+    beside ``path``, the record's file, which the caller writes (``run``: at once; a sweep worker:
+    with its sweep facts added). Raises DivergedError."""
+    from benchmark.tracking import open_tracker, tracker_location
+
+    cfg = run.cfg
+    tracker = open_tracker(cfg.log, cfg.log_dir, path, run.resolved)
+    ok = False
     try:
-        record = execute(run, log=log, cache_dir=cache)
+        record = execute(run, log=log, cache_dir=cache_dir,
+                         on_epoch_end=tracker.epoch if tracker is not None else None, writes_outputs=True)
+        if cfg.save_checkpoint:
+            from benchmark.checkpoint import checkpoint_path, save_checkpoint
+
+            ckpt = checkpoint_path(path)
+            save_checkpoint(ckpt, run, record, path)
+            record["checkpoint"] = ckpt.name
+        if tracker is not None:
+            record["tracking"] = {"log": cfg.log, "folder": str(tracker_location(cfg.log, cfg.log_dir, path))}
+            tracker.finish(record)
+        ok = True
+        return record
+    finally:
+        if tracker is not None:
+            tracker.close(ok)
+
+
+def execute_and_write(run: PreparedRun, path: Path, log: Callable[[str], None] | None = None,
+                      cache_dir: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """:func:`execute_with_outputs`, then the record at ``path`` (a failed one when the run diverged)."""
+    try:
+        record = execute_with_outputs(run, path, log=log, cache_dir=cache_dir)
     except DivergedError as exc:
         write_json_atomic(path, failed_record(run, exc))
         raise

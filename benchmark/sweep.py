@@ -511,7 +511,7 @@ def work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, An
 
 
 def _work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, Any]], None]) -> None:
-    from benchmark.runner import execute, failed_record, prepare
+    from benchmark.runner import execute_with_outputs, failed_record, prepare
 
     store = Store(spec.store)
     cache = _DataCache(spec.smoke)
@@ -529,7 +529,7 @@ def _work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, A
                 continue
             emit({"event": "start", "key": item.key, "label": item.label, "dataset": item.dataset,
                   "seed": item.seed, "pid": os.getpid()})
-            record = _run_one(item, spec, store, cache, prepare, execute, failed_record)
+            record = _run_one(item, spec, store, cache, prepare, execute_with_outputs, failed_record)
             store.write(Path(item.path), record)
             trained, reused = count_unimodal_reuse(record)
             metrics = record.get("metrics", {})
@@ -561,7 +561,8 @@ def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache
         try:
             cfg = build_config(assignments)
             run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
-            record = execute(run, log=log, cache_dir=str(store.cache_dir))
+            # the tracking logs and the checkpoint (options log, save_checkpoint) go beside the record
+            record = execute(run, Path(item.path), log=log, cache_dir=str(store.cache_dir))
         except Exception as exc:  # diverged (non-finite loss) or any error: recorded, the sweep goes on
             log("".join(traceback.format_exception(exc)))
             if run is None:

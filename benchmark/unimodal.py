@@ -110,11 +110,24 @@ def unimodal_key(method: Method, modality: str, data: MultimodalData) -> dict[st
     key["data"] = data.manifest.get("content_hash") or config_hash(data.manifest)
     key["epochs"], key["patience"] = unimodal_budget(method)
     key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v3")
+    weights = method.cfg.encoder_weights.get(modality, "")
+    if weights:  # the starting weights (left out of the key while there are none: older keys stay valid)
+        key["encoder_weights"] = weights_identity(weights)
     key["device_type"] = method.device.type if getattr(method, "device", None) is not None else "cpu"
     dtype = amp_dtype(method.cfg.amp, torch.device(key["device_type"]))
     key["precision"] = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     key["fingerprint"] = code_fingerprint(build_unimodal(method, modality))
     return key
+
+
+def weights_identity(path: str) -> dict[str, Any]:
+    """A weights file (or folder) as the key of what training starts from: its resolved path, size
+    and modification time (a file replaced under the same name gives another key)."""
+    p = Path(path).expanduser().resolve()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    stats = [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+             for f in files if f.exists()]
+    return {"path": str(p), "files": stats}
 
 
 def _training_code() -> list[Any]:

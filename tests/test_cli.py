@@ -240,3 +240,15 @@ def test_screen_counts_epochs_as_the_record_and_announces_probes_and_diagnostics
     probes = next(i for i, line in enumerate(lines) if line.startswith("fitting linear probes"))
     diagnostics = next(i for i, line in enumerate(lines) if line.startswith("diagnostics:"))
     assert probes < diagnostics and "m0, m1" in lines[probes]
+
+
+def test_log_and_save_checkpoint_flags_write_beside_the_record(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "runs"
+    code, _, err = run_cli(["run", "--method", "joint", "--out", str(out), "--log", "tensorboard",
+                            "--save-checkpoint", *TINY], capsys)
+    assert code == 0, err
+    (record_file,) = out.glob("*.json")
+    record = json.loads(record_file.read_text())
+    assert record["config"]["log"] == "tensorboard" and record["config"]["save_checkpoint"] is True
+    assert (out / record["checkpoint"]).is_file()
+    assert list(Path(record["tracking"]["folder"]).glob("events.out.tfevents.*"))

@@ -60,6 +60,7 @@ SPECS = {
     "seq_transformer": ModalitySpec("x", "sequence", (6, 12), "seq_transformer"),
     "text_transformer": TokenSpec("x", "tokens", (10,), "text_transformer", vocab_size=50),
     "bert": TokenSpec("x", "tokens", (10,), "bert", features=16),  # its folder is written by the test
+    "hf": TokenSpec("x", "tokens", (10,), "hf"),  # its folder (encoder_weights) is written by the test
     "cgmnist_cnn": ModalitySpec("x", "image", (3, 28, 28), "cgmnist_cnn"),
 }
 
@@ -72,8 +73,13 @@ def test_every_encoder_reports_its_feature_size(name: str, tmp_path) -> None:
         from test_data_paper_sets import tiny_bert
 
         spec = dataclasses.replace(spec, pretrained=str(tiny_bert(tmp_path / "bert")))
-    encoder = create_encoder(name, spec).eval()
-    vocab = getattr(spec, "vocab_size", 0) or (30 if name == "bert" else 0)
+    weights = ""
+    if name == "hf":
+        from test_data_paper_sets import tiny_bert
+
+        weights = str(tiny_bert(tmp_path / "hf"))
+    encoder = create_encoder(name, spec, weights).eval()
+    vocab = getattr(spec, "vocab_size", 0) or (30 if name in ("bert", "hf") else 0)
     x = torch.randint(0, vocab, (3, *spec.shape)) if vocab else torch.randn(3, *spec.shape)
     with torch.no_grad():
         feats = encoder(x)

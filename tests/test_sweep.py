@@ -353,3 +353,22 @@ def test_cpu_workers_never_oversubscribe_cores():
         place_workers([], cores=8, runs_per_gpu=2)
     with pytest.raises(UsageError, match="--threads-per-run must be >= 1"):
         place_workers([], cores=8, threads_per_run=0)
+
+
+def test_sweep_runs_keep_their_checkpoints_for_evaluate(tmp_path, capsys):
+    """`save_checkpoint` in a sweep's settings: each record gets its model beside it, and
+    `evaluate` on the record gives exactly its test accuracy."""
+    path = tmp_path / "ckpt.toml"
+    path.write_text("seeds = [0]\n[settings]\nepochs = 2\nbatch_size = 32\nprobe = false\nsave_checkpoint = true\n"
+                    f"[datasets.synthetic]\nsettings = {{ {TINY_DATA} }}\n[methods.joint]\n[methods.udi]\n")
+    store = tmp_path / "store"
+    assert main(["sweep", str(path), "--store", str(store), "--jobs", "1", "--no-live"]) == 0
+    capsys.readouterr()
+    recs = records(store)
+    assert len(recs) == 2
+    for rec_path in recs:
+        record = read_record(rec_path)
+        assert record["checkpoint"] == rec_path.with_suffix(".pt").name and rec_path.with_suffix(".pt").is_file()
+        out_file = tmp_path / f"{rec_path.stem}.eval.json"
+        assert main(["evaluate", str(rec_path), "--out", str(out_file)]) == 0
+        assert json.loads(out_file.read_text())["accuracy"] == record["metrics"]["accuracy"]

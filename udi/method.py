@@ -456,6 +456,19 @@ class UDI(Method):
                            "initial": [opts.lambda_con, opts.lambda_com], "trace": trace},
         }
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The anchor and the followers in training order (the weights of every one of them are
+        ``model.units``, in the state_dict)."""
+        return {"anchor": self.anchor, "trained_followers": list(self.trained_followers),
+                "follower_order": list(self.follower_order)}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.anchor = str(state.get("anchor", ""))
+        self.trained_followers = list(state.get("trained_followers", []))
+        self.follower_order = list(state.get("follower_order", []))
+        for unit in self.model.units.values():  # trained, frozen units, as after training
+            self.freeze(unit)
+
     @staticmethod
     def freeze(model: UnimodalModel) -> None:
         """A trained modality guides the later ones and never changes again: no gradients, eval mode."""

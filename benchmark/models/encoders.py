@@ -7,6 +7,7 @@ ResNet18s are torchvision's architecture built from scratch (no weights are down
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -185,18 +186,45 @@ register_encoder("resnet18_visual")(ResNet18Visual)
 INPUT_RANKS = {"small_cnn": (2, 3), "resnet18_audio": (2, 3), "resnet18_visual": (3, 4)}
 
 
+def encoder_factory(name: str) -> Any:
+    """The factory of encoder ``name``: a registered name, or ``timm:<model>`` / ``tv:<model>``
+    (benchmark.models.pretrained). UsageError for an unknown one."""
+    if ":" in name:
+        from benchmark.models.pretrained import backbone_factory
+
+        return backbone_factory(name)
+    return ENCODERS.get(name)
+
+
+def input_ranks(name: str) -> tuple[int, ...] | None:
+    if ":" in name:
+        from benchmark.models.pretrained import INPUT_RANKS as BACKBONE_RANKS
+
+        return BACKBONE_RANKS
+    return INPUT_RANKS.get(name)
+
+
 def check_encoder(name: str, spec: ModalitySpec) -> None:
     """Refuse an encoder that cannot read the modality's samples (small_cnn on vectors, say)."""
-    ranks = INPUT_RANKS.get(name)
+    ranks = input_ranks(name)
     if ranks is not None and len(spec.shape) not in ranks:
         raise UsageError(f"encoder {name} cannot read modality {spec.name!r} ({spec.kind} of shape "
                          f"{tuple(spec.shape)}; it needs {' or '.join(f'{r}-D' for r in ranks)} samples); "
                          f"choose another with --set encoder.{spec.name}=<name>, e.g. mlp")
 
 
-def create_encoder(name: str, spec: ModalitySpec) -> nn.Module:
+def create_encoder(name: str, spec: ModalitySpec, weights: str = "") -> nn.Module:
+    """Encoder ``name`` for modality ``spec``; ``weights``: its local pretrained weights (a file, or
+    a folder for ``hf``), for the encoders that take them."""
     check_encoder(name, spec)
-    encoder = ENCODERS.get(name)(spec)
+    factory = encoder_factory(name)
+    if weights:
+        if not getattr(factory, "takes_weights", False):
+            raise UsageError(f"encoder {name} of modality {spec.name!r} takes no encoder_weights; use a "
+                             f"timm:<model>, tv:<model> or hf encoder, or leave encoder_weights.{spec.name} empty")
+        encoder = factory(spec, weights=weights)
+    else:
+        encoder = factory(spec)
     if not isinstance(getattr(encoder, "out_dim", None), int):
         raise TypeError(f"encoder {name} does not expose an integer out_dim")
     return encoder

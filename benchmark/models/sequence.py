@@ -1,11 +1,15 @@
 """Encoders of sequences: token ids (``text_transformer`` trained from scratch, ``bert`` read from a
-local Hugging Face folder) and feature sequences T×D (``seq_transformer``, for CMU-MOSEI).
+local Hugging Face folder; ``hf``, any Hugging Face text model from the folder given as
+``encoder_weights.<modality>``) and feature sequences T×D (``seq_transformer``, for CMU-MOSEI).
 
 Nothing is downloaded: ``bert`` loads with ``local_files_only``; ``transformers`` is an optional
-dependency (the ``text`` extra) imported only when ``bert`` is used.
+dependency (the ``text`` extra) imported only when ``bert`` or ``hf`` is used.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,35 +64,55 @@ class TextTransformer(nn.Module):
         return self.head(self.norm((x * keep).sum(dim=1) / keep.sum(dim=1)))
 
 
-def require_transformers() -> object:
+def require_transformers(name: str = "bert") -> Any:
     try:
         import transformers
     except ImportError:
-        raise UsageError("encoder bert needs the package transformers; pip install "
+        raise UsageError(f"encoder {name} needs the package transformers; pip install "
                          "'balanced-mm-bench[text]' (or transformers>=4.40)") from None
     transformers.logging.set_verbosity_error()
     return transformers
 
 
-class BertEncoder(nn.Module):
-    """A pretrained BERT from a local folder (config, weights, tokenizer files): the final hidden
-    state of the first ([CLS]) token, linearly mapped to the spec's ``features`` when that differs
-    from BERT's width. The whole model is fine-tuned."""
+class HFTextEncoder(nn.Module):
+    """A pretrained Hugging Face text model from a local folder (config, weights, tokenizer files,
+    as ``save_pretrained`` writes them), loaded with ``AutoModel`` and ``local_files_only``: the
+    final hidden state of the first token ([CLS] for BERT), linearly mapped to the spec's
+    ``features`` when that differs from the model's width. The whole model is fine-tuned.
 
-    def __init__(self, spec: ModalitySpec) -> None:
+    The folder is ``encoder_weights.<modality>`` or, without it, the one the dataset names (its
+    tokenizer made the ids: Food-101's ``dataset.bert_dir``). The token ids must come from that
+    model's tokenizer; ids beyond its vocabulary are refused."""
+
+    takes_weights = True
+    family = "hf"
+
+    def __init__(self, spec: ModalitySpec, weights: str = "") -> None:
         super().__init__()
-        folder = getattr(spec, "pretrained", "")
+        name = self.family
+        folder = weights or getattr(spec, "pretrained", "")
         if not folder:
-            raise UsageError(f"encoder bert needs a local BERT folder for modality {spec.name!r}: set "
-                             "dataset.bert_dir=<folder with config.json, the weights and the tokenizer "
-                             "files> (its tokenizer then makes the token ids)")
-        transformers = require_transformers()
+            raise UsageError(f"encoder {name} needs a local BERT folder for modality {spec.name!r}: set "
+                             f"encoder_weights.{spec.name}=<folder> or dataset.bert_dir=<folder with config.json, "
+                             "the weights and the tokenizer files> (its tokenizer then makes the token ids)")
+        if len(spec.shape) != 1 or spec.kind != "tokens":
+            raise UsageError(f"encoder {name} reads token ids; modality {spec.name!r} is {spec.kind} "
+                             f"{tuple(spec.shape)}: choose another encoder for it")
+        if not Path(folder).expanduser().is_dir():
+            raise UsageError(f"encoder {name}: {folder} is not a folder; give the folder a Hugging Face model "
+                             "was saved to with save_pretrained")
+        transformers = require_transformers(name)
         try:
-            self.bert = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
+            self.bert = transformers.AutoModel.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot load a BERT model from {folder} ({reason}); point dataset.bert_dir "
-                             "at a Hugging Face BERT folder saved with save_pretrained") from None
+            raise UsageError(f"cannot load a Hugging Face model from {folder} ({reason}); point "
+                             f"encoder_weights.{spec.name} (or dataset.bert_dir) at a folder saved with "
+                             "save_pretrained") from None
+        vocab = int(getattr(self.bert.config, "vocab_size", 0) or 0)
+        if vocab and getattr(spec, "vocab_size", 0) > vocab:
+            raise UsageError(f"modality {spec.name!r} has token ids up to {spec.vocab_size - 1}, the model in "
+                             f"{folder} knows {vocab}; make the ids with that model's tokenizer")
         self.pad_id = getattr(spec, "pad_id", 0)
         self.head, self.out_dim = project_to(spec, int(self.bert.config.hidden_size))
 
@@ -96,6 +120,12 @@ class BertEncoder(nn.Module):
         ids = ids.long()
         mask = (~padding_mask(ids, self.pad_id)).long()
         return self.head(self.bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+
+
+class BertEncoder(HFTextEncoder):
+    """``bert``: the Hugging Face encoder under the name Food-101's ``dataset.bert_dir`` selects."""
+
+    family = "bert"
 
 
 class SeqTransformer(nn.Module):
@@ -122,4 +152,5 @@ class SeqTransformer(nn.Module):
 
 register_encoder("text_transformer")(TextTransformer)
 register_encoder("bert")(BertEncoder)
+register_encoder("hf")(HFTextEncoder)
 register_encoder("seq_transformer")(SeqTransformer)
