@@ -402,7 +402,7 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
             where = f"sweep {spec.name}: [methods.{mname}]"
             settings = dict(base)
             if mentry.get("use_recommended", spec.use_recommended):
-                settings.update(getattr(METHODS.get(mname), "recommended", {}) or {})
+                settings.update(METHODS.get(mname).recommended)
             if mentry.get("preset", spec.preset):
                 from benchmark.presets import preset_settings
                 settings.update(preset_settings(mentry.get("preset", spec.preset), dname))
