@@ -30,6 +30,7 @@ from torch import nn
 from benchmark.claims import process_alive, wait_claim  # noqa: F401  (process_alive: imported from here)
 from benchmark.config import config_hash, location_names
 from benchmark.data import MultimodalData, resolve_dataset_options
+from benchmark.data.cache import data_identity
 from benchmark.device import amp_dtype, seeded
 from benchmark.errors import UsageError
 from benchmark.files import current_umask, os_error_line
@@ -109,8 +110,8 @@ def unimodal_key(method: Method, modality: str, data: MultimodalData) -> dict[st
         key["dataset_options"] = {k: v for k, v in options_of(options).items() if k not in location_names(options)}
     else:
         key["dataset_options"] = dict(method.cfg.dataset_options)
-    # the data themselves: the cached dataset's content hash, else the generator's recipe
-    key["data"] = data.manifest.get("content_hash") or config_hash(data.manifest)
+    # the data themselves, wherever they were read from (a root or cache folder is not part of it)
+    key["data"] = data_identity(data.manifest)
     key["epochs"], key["patience"] = unimodal_budget(method)
     key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v3")
     weights = method.cfg.encoder_weights.get(modality, "")
