@@ -71,6 +71,8 @@ def _options_text(argv: list[str]) -> str:
         shown = True
         entry = index[kind + "s"].get(name)
         if entry is None:
+            entry = _plugin_entry(kind, name)
+        if entry is None:
             lines.append(f"unknown {kind} {name!r}; known {kind}s: {', '.join(index[kind + 's']) or 'none'}")
         else:
             lines += [f"{kind} {name}: {entry['summary']}", *render_options(kind, name, entry["options"])]
@@ -80,6 +82,23 @@ def _options_text(argv: list[str]) -> str:
     lines.append(f"encoders (--set encoder.<modality>=name): {', '.join(index['encoders'])}")
     lines.append(f"fusion heads (--set fusion=name): {', '.join(index['fusions'])}")
     return "\n".join(lines)
+
+
+def _plugin_entry(kind: str, name: str) -> dict[str, Any] | None:
+    """A method or dataset of a plug-in written outside the suite (not in the committed index):
+    read from the registries, which imports the plug-ins (and torch) only in that case."""
+    from benchmark.registry import external_plugins
+
+    if not external_plugins():
+        return None
+    from benchmark.config import options_help
+    from benchmark.registry import DATASETS, METHODS
+
+    registry = METHODS if kind == "method" else DATASETS
+    if name not in registry:
+        return None
+    cls = registry.get(name)
+    return {"summary": cls.summary, "options": [list(row) for row in options_help(cls.Options)]}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

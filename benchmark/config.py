@@ -23,11 +23,21 @@ from benchmark.errors import UsageError
 MAX_SEED = 2**32 - 1  # numpy and the data loaders take seeds below 2**32
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field carrying its help text (shown by ``--help`` and in the docs)."""
+def opt(default: Any, help: str, *, location: bool = False, **kw: Any) -> Any:
+    """A dataclass field carrying its help text (shown by ``--help`` and in the docs).
+    ``location``: the option says only where something is (a data root, a cache folder), not
+    what a run computes: it is left out of every key (:func:`location_names`)."""
+    metadata = {"help": help, "location": location}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def location_names(options: Any) -> set[str]:
+    """The fields of an options dataclass (or instance) marked ``location``."""
+    if not dataclasses.is_dataclass(options):
+        return set()
+    return {f.name for f in dataclasses.fields(options) if f.metadata.get("location")}
 
 
 @dataclass

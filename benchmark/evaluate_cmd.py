@@ -104,7 +104,7 @@ def evaluate_checkpoint(path: Path, split: str = "test", diagnostics: bool = Fal
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from benchmark.runner import write_json_atomic
+    from benchmark.files import write_json_atomic
 
     out = Path(args.out).expanduser() if args.out else None
     if out is not None and (out.is_dir() or not out.resolve().parent.is_dir()):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from benchmark.errors import UsageError
 
@@ -69,3 +71,26 @@ def check_parent(path: Path, flag: str) -> None:
     if not path.exists() and not parent.is_dir():
         raise UsageError(f"{flag}'s parent folder {str(parent)!r} does not exist; create it or choose "
                          f"another {flag}")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write through a temporary file in the same folder and rename: never a half-written file.
+    The file gets the usual permissions (0666 less the umask), so colleagues can read a shared store."""
+    text = json.dumps(data, indent=1, default=str, allow_nan=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UsageError(os_error_line(exc, path)) from None
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # full, read-only: one line naming the file; the temporary file goes
+        raise UsageError(os_error_line(exc, path)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX_PATH = Path(__file__).with_name("help_index.json")
+BUILT_IN = ("benchmark", "baselines", "udi")  # the suite's packages
 
 
 def build_index() -> dict[str, Any]:
@@ -29,9 +30,10 @@ def build_index() -> dict[str, Any]:
     from benchmark.registry import DATASETS, METHODS, list_encoders, list_fusions
 
     def entries(registry: Any) -> dict[str, Any]:
+        # the suite's own entries: plug-ins from outside ($BMB_PLUGINS) are read when asked for
         return {name: {"summary": registry.get(name).summary,
                        "options": [list(row) for row in options_help(registry.get(name).Options)]}
-                for name in registry.names()}
+                for name in registry.names() if registry.get(name).__module__.split(".")[0] in BUILT_IN}
 
     return {"methods": entries(METHODS), "datasets": entries(DATASETS),
             "encoders": list_encoders(), "fusions": list_fusions()}

@@ -119,12 +119,18 @@ class Method:
     min_modalities: ClassVar[int] = 1
     max_modalities: ClassVar[int | None] = None
     summary: ClassVar[str] = ""
+    # Shared settings the method's paper uses (a sweep applies them with use_recommended = true).
+    recommended: ClassVar[dict[str, Any]] = {}
 
     @staticmethod
     def search_space(trial: Any) -> dict[str, Any]:
         """What ``tune`` searches for this method: the shared optimiser settings plus the options its
         paper tunes (override beside the method)."""
         return shared_search_space(trial)
+
+    def check(self) -> None:
+        """Refuse (UsageError) or complete option values that depend on the dataset, before any
+        training (e.g. a modality name); called once the method is created."""
 
     def __init__(self, info: DataInfo, cfg: RunConfig, options: Any) -> None:
         self.info = info
@@ -288,8 +294,7 @@ def create_method(name: str, info: DataInfo, cfg: RunConfig) -> Method:
                     f"its modalities: {', '.join(info.modality_names)}"
                 )
     method = method_cls(info, cfg, options)
-    if hasattr(method, "check"):
-        method.check()
+    method.check()
     return method
 
 

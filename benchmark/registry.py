@@ -8,7 +8,9 @@ lists the known names so that a typo is fixed in one look.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any, Generic, TypeVar
 
 from benchmark.errors import UsageError
@@ -18,6 +20,12 @@ T = TypeVar("T")
 # Modules that register plug-ins when imported. They are imported lazily, the first time a
 # registry is read, so that ``import benchmark`` stays cheap and plug-ins may import benchmark.
 PLUGIN_MODULES = ("benchmark.data", "benchmark.models", "baselines", "udi")
+# Plug-ins written outside the suite: the modules named in this environment variable
+# (comma-separated, importable from sys.path) and those of installed packages that declare an entry
+# point in this group. Both are imported with the built-ins in every process that reads a
+# registry: `run`, sweep workers (which inherit the environment) and SLURM jobs alike.
+PLUGINS_ENV = "BMB_PLUGINS"
+PLUGINS_GROUP = "balanced_mm_bench.plugins"
 
 
 class UnknownNameError(UsageError):
@@ -64,6 +72,15 @@ class Registry(Generic[T]):
 _loaded = False
 
 
+def external_plugins() -> list[str]:
+    """The modules named in $BMB_PLUGINS, then the entry points of the plug-in group (by value)."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for entry in metadata.entry_points(group=PLUGINS_GROUP):
+        if entry.value not in names:
+            names.append(entry.value)
+    return names
+
+
 def load_plugins() -> None:
     global _loaded
     if _loaded:
@@ -71,6 +88,14 @@ def load_plugins() -> None:
     _loaded = True
     for module in PLUGIN_MODULES:
         importlib.import_module(module)
+    for module in external_plugins():
+        try:
+            importlib.import_module(module.split(":", 1)[0])
+        except ImportError as exc:
+            _loaded = False  # the next read tries again (and says the same)
+            raise UsageError(f"plug-in module {module!r} (from ${PLUGINS_ENV} or the {PLUGINS_GROUP!r} entry "
+                             f"points) cannot be imported ({exc}); put its folder on PYTHONPATH or fix the "
+                             f"name") from None
 
 
 METHODS: Registry[Any] = Registry("method")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -19,13 +16,13 @@ from typing import Any
 
 import torch
 
-from benchmark.config import RunConfig, config_hash
+from benchmark.config import RunConfig, config_hash, location_names
 from benchmark.convergence import RULE as CONVERGENCE_RULE
 from benchmark.data import MultimodalData, create_dataset, resolve_dataset_options
 from benchmark.device import pick_device, seed_everything, seeded, set_determinism
 from benchmark.diagnostics import Diagnostics
 from benchmark.errors import DivergedError, UsageError
-from benchmark.files import check_writable_dir, current_umask, os_error_line
+from benchmark.files import check_writable_dir, current_umask, os_error_line, write_json_atomic  # noqa: F401  (re-exported)
 from benchmark.method import EvalOutput, Method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
 from benchmark.models.encoders import encoder_factory
@@ -38,6 +35,16 @@ NOT_IN_KEY = ("device", "num_workers", "cache_dir", "log", "log_dir", "save_chec
 KEY_WHEN_SET = ("encoder_weights",)
 
 
+def run_key(resolved: dict[str, Any], dataset_locations: Collection[str]) -> str:
+    """A run's key: the hash of its resolved configuration without what does not change its
+    result (NOT_IN_KEY) and without the dataset's location options (its root and cache folder,
+    ``opt(location=True)``), so that the same run reads the same key on every machine."""
+    kept = {k: v for k, v in resolved.items() if k not in NOT_IN_KEY and not (k in KEY_WHEN_SET and not v)}
+    if isinstance(kept.get("dataset_options"), dict):
+        kept["dataset_options"] = {k: v for k, v in kept["dataset_options"].items() if k not in dataset_locations}
+    return config_hash(kept)
+
+
 @dataclass
 class PreparedRun:
     cfg: RunConfig
@@ -45,11 +52,11 @@ class PreparedRun:
     method: Method
     device: torch.device
     resolved: dict[str, Any]
+    dataset_locations: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
-        return config_hash({k: v for k, v in self.resolved.items()
-                            if k not in NOT_IN_KEY and not (k in KEY_WHEN_SET and not v)})
+        return run_key(self.resolved, self.dataset_locations)
 
 
 def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
@@ -75,7 +82,7 @@ def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
     resolved["dataset_options"] = options_of(dataset_options)
     resolved["encoder"] = {m: method.encoder_name(m) for m in data.info.modality_names}
     resolved["encoder_weights"] = {m: w for m, w in cfg.encoder_weights.items() if w}  # "" = none
-    return PreparedRun(cfg, data, method, device, resolved)
+    return PreparedRun(cfg, data, method, device, resolved, frozenset(location_names(dataset_options)))
 
 
 def check_trainable(method: Method, data: MultimodalData) -> None:
@@ -303,29 +310,6 @@ def failed_record(run: PreparedRun, error: BaseException) -> dict[str, Any]:
         "versions": package_versions(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file.
-    The file gets the usual permissions (0666 less the umask), so colleagues can read a shared store."""
-    text = json.dumps(data, indent=1, default=str, allow_nan=True)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UsageError(os_error_line(exc, path)) from None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # full, read-only: one line naming the file; the temporary file goes
-        raise UsageError(os_error_line(exc, path)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_output_dir(out: str) -> Path:

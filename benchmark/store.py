@@ -124,7 +124,7 @@ class Store:
         return sweep_leftovers(sorted((self.root / RECORDS).glob("*/.*.tmp")), lock_of)
 
     def write(self, path: Path, record: dict[str, Any]) -> None:
-        from benchmark.runner import write_json_atomic  # (reading a store needs no torch)
+        from benchmark.files import write_json_atomic
 
         write_json_atomic(path, record)
 

@@ -402,7 +402,7 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
             where = f"sweep {spec.name}: [methods.{mname}]"
             settings = dict(base)
             if mentry.get("use_recommended", spec.use_recommended):
-                settings.update(getattr(METHODS.get(mname), "recommended", {}) or {})
+                settings.update(METHODS.get(mname).recommended)
             if mentry.get("preset", spec.preset):
                 from benchmark.presets import preset_settings
                 settings.update(preset_settings(mentry.get("preset", spec.preset), dname))
@@ -482,6 +482,7 @@ class WorkerSpec:
     threads: int = 0
     smoke: Smoke | None = None
     retry_before: float = 0.0  # re-run failed records written before this time (0: never)
+    plugins: tuple[str, ...] = ()  # plug-in modules of the submitting process ($BMB_PLUGINS, entry points)
 
 
 def _needs_run(store: Store, item: PlannedRun, retry_before: float) -> bool:
@@ -501,6 +502,12 @@ def work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, An
     worker's thread count, given back afterwards: a sweep run in-process leaves the caller's)."""
     import torch
 
+    from benchmark.registry import PLUGINS_ENV, load_plugins
+
+    if spec.plugins:  # a SLURM job on another node imports the submitter's plug-ins too
+        named = [n for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+        os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys([*named, *spec.plugins]))
+    load_plugins()
     previous = torch.get_num_threads()
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -975,7 +982,9 @@ def submit_slurm(plan: Plan, store: Store, jobs: int, options: dict[str, str], c
     claims in the shared store keep them apart. Returns the job ids."""
     executor = executor or slurm_executor(plan, store, options, cluster)
     retry_before = time.time() if retry_failed else 0.0
-    spec = WorkerSpec(str(store.root.resolve()), "", 0, plan.smoke, retry_before)
+    from benchmark.registry import external_plugins
+
+    spec = WorkerSpec(str(store.root.resolve()), "", 0, plan.smoke, retry_before, tuple(external_plugins()))
     submitted = [executor.submit(work, plan.runs, spec, _print_event) for _ in range(jobs)]
     if wait:
         for job in submitted:

@@ -339,7 +339,7 @@ def best_file(out: Path, method: str, dataset: str) -> Path:
 def write_best(study: Any, path: Path, fixed: dict[str, Any], storage_url: str) -> dict[str, Any]:
     from optuna.trial import TrialState
 
-    from benchmark.runner import write_json_atomic
+    from benchmark.files import write_json_atomic
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.claims import process_alive, wait_claim  # noqa: F401  (process_alive: imported from here)
-from benchmark.config import config_hash
+from benchmark.config import config_hash, location_names
 from benchmark.data import MultimodalData, resolve_dataset_options
+from benchmark.data.cache import data_identity
 from benchmark.device import amp_dtype, seeded
 from benchmark.errors import UsageError
 from benchmark.files import current_umask, os_error_line
@@ -104,10 +105,13 @@ def unimodal_key(method: Method, modality: str, data: MultimodalData) -> dict[st
     cfg = method.cfg.to_dict()
     key = {name: cfg[name] for name in _KEY_FIELDS}
     registered = method.cfg.dataset in DATASETS  # data built in code (perf's tensors) is not
-    key["dataset_options"] = (options_of(resolve_dataset_options(method.cfg.dataset, method.cfg.dataset_options))
-                              if registered else dict(method.cfg.dataset_options))
-    # the data themselves: the cached dataset's content hash, else the generator's recipe
-    key["data"] = data.manifest.get("content_hash") or config_hash(data.manifest)
+    if registered:  # the dataset's options but its locations (root, cache folder): keys hold on any machine
+        options = resolve_dataset_options(method.cfg.dataset, method.cfg.dataset_options)
+        key["dataset_options"] = {k: v for k, v in options_of(options).items() if k not in location_names(options)}
+    else:
+        key["dataset_options"] = dict(method.cfg.dataset_options)
+    # the data themselves, wherever they were read from (a root or cache folder is not part of it)
+    key["data"] = data_identity(data.manifest)
     key["epochs"], key["patience"] = unimodal_budget(method)
     key.update(modality=modality, encoder=method.encoder_name(modality), kind="unimodal-v3")
     weights = method.cfg.encoder_weights.get(modality, "")

@@ -62,10 +62,10 @@ class AVDigitsOptions:
     test_fraction: float = opt(0.2, "fraction of each class carved out as the test split")
     val_fraction: float = opt(0.1, "fraction of each class carved out as the validation split")
     seed: int = opt(0, "seed of the splits, voices, noise and pairing (the data, not the run)")
-    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)", location=True)
     audio_source: str = opt("espeak", "espeak (words synthesized by eSpeak NG, offline) or fsdd (real "
                                       "recordings of the Free Spoken Digit Dataset)")
-    fsdd_root: str = opt("", f"audio_source=fsdd: the FSDD folder ({FSDD_LAYOUT}); default $BMB_DATA_ROOT/FSDD")
+    fsdd_root: str = opt("", f"audio_source=fsdd: the FSDD folder ({FSDD_LAYOUT}); default $BMB_DATA_ROOT/FSDD", location=True)
 
     def validate(self) -> None:
         if self.audio_source not in AUDIO_SOURCES:

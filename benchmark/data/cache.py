@@ -71,6 +71,16 @@ def content_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def data_identity(manifest: dict[str, Any]) -> str:
+    """What the data are, wherever they were read from: a hash of the manifest without the cache
+    folder's key, without its own content hash and without the folders in its recipe (a release
+    copied to another root, or cached in another folder, is the same data)."""
+    body = {k: v for k, v in manifest.items() if k not in ("key", "content_hash", "cache")}
+    if isinstance(body.get("recipe"), dict):
+        body["recipe"] = {k: v for k, v in body["recipe"].items() if k not in ("root", "cache_dir")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _say(message: str) -> None:
     import sys
 

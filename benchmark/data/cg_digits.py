@@ -83,7 +83,7 @@ class CGDigitsOptions:
     test_fraction: float = opt(0.2, "fraction of each class carved out as the test split")
     val_fraction: float = opt(0.1, "fraction of each class carved out as the validation split")
     seed: int = opt(0, "seed of the splits, the pairing and the tints (the data, not the run)")
-    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)", location=True)
 
     def validate(self) -> None:
         if not 0.0 <= self.bias <= 1.0:

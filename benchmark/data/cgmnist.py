@@ -38,8 +38,8 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 @dataclass
 class CGMNISTOptions:
-    root: str = opt("", "folder holding the MNIST idx files (default $BMB_DATA_ROOT/MNIST)")
-    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    root: str = opt("", "folder holding the MNIST idx files (default $BMB_DATA_ROOT/MNIST)", location=True)
+    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)", location=True)
     bias: float = opt(0.99, "probability that a train sample's color image has its class's own tint")
     image_noise: float = opt(0.0, "std of Gaussian noise added to both images (pixels in [0, 1])")
     val_fraction: float = opt(0.1, "fraction of each class of train carved out as validation")

@@ -55,8 +55,8 @@ WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 @dataclass
 class Food101Options:
-    root: str = opt("", "folder holding the release (default $BMB_DATA_ROOT/food-101)")
-    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    root: str = opt("", "folder holding the release (default $BMB_DATA_ROOT/food-101)", location=True)
+    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)", location=True)
     image_size: int = opt(256, "image side after RandomResizedCrop (train) or Resize (val/test); 256 as UDI")
     cache_size: int = opt(0, "image side stored in the cache (0 = image_size × 8/7)")
     max_tokens: int = opt(40, "token ids kept per text (the UDI paper: 40)")

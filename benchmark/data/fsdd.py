@@ -91,8 +91,8 @@ def log_mel_8k(wave: np.ndarray, seconds: float, n_mels: int) -> np.ndarray:
 
 @dataclass
 class FSDDOptions:
-    root: str = opt("", "folder holding recordings/ (default $BMB_DATA_ROOT/FSDD)")
-    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    root: str = opt("", "folder holding recordings/ (default $BMB_DATA_ROOT/FSDD)", location=True)
+    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)", location=True)
     seconds: float = opt(1.0, "clip length the recordings are cut or padded to")
     n_mels: int = opt(40, "mel bands of the spectrogram")
     val_fraction: float = opt(0.1, "fraction of each digit of train carved out as validation")

@@ -74,8 +74,8 @@ def load_feature_pickle(path: Path) -> Any:
 
 @dataclass
 class MoseiOptions:
-    root: str = opt("", "folder holding the feature pickle (default $BMB_DATA_ROOT/CMU-MOSEI)")
-    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    root: str = opt("", "folder holding the feature pickle (default $BMB_DATA_ROOT/CMU-MOSEI)", location=True)
+    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)", location=True)
     file: str = opt("mosei_senti_data.pkl", "the feature pickle, relative to the root")
     labels: str = opt("binary", "binary (score >= 0 vs < 0) or 7class (rounded score, -3 … 3)")
     exclude_zero: bool = opt(False, "binary only: drop the samples whose score is exactly 0")

@@ -40,8 +40,8 @@ class Item:
 
 @dataclass
 class OnDiskOptions:
-    root: str = opt("", "folder holding the release (default $BMB_DATA_ROOT/<dataset folder>)")
-    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)")
+    root: str = opt("", "folder holding the release (default $BMB_DATA_ROOT/<dataset folder>)", location=True)
+    cache_dir: str = opt("", "dataset cache folder (default $BMB_CACHE_DIR or ~/.cache/balanced-mm-bench)", location=True)
     frames: int = opt(1, "frames per clip, evenly spaced over the clip's frames")
     image_size: int = opt(224, "frame side after RandomResizedCrop (train) or Resize (val/test)")
     cache_size: int = opt(0, "frame side stored in the cache (0 = image_size × 8/7, e.g. 256 for 224)")

@@ -36,7 +36,7 @@ from torch import nn
 
 from benchmark.data.base import ModalitySpec
 from benchmark.errors import UsageError
-from benchmark.models.encoders import channels_last, nhwc
+from benchmark.models.layout import channels_last, nhwc
 
 FAMILIES = ("timm", "tv")
 INPUT_RANKS = (2, 3, 4)  # spectrogram F×T, image C×H×W, frames T×C×H×W
