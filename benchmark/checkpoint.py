@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from benchmark import files
 from benchmark.errors import UsageError
-from benchmark.files import current_umask, os_error_line
 
 if TYPE_CHECKING:
     from benchmark.data import MultimodalData
@@ -61,23 +59,7 @@ def save_checkpoint(path: Path, run: PreparedRun, record: dict[str, Any], record
 
 def write_atomic(path: Path, payload: Any) -> None:
     """torch.save through a temporary file in the same folder, then rename: never half a file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UsageError(os_error_line(exc, path)) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(os_error_line(exc, path)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    files.write_atomic(path, lambda fh: torch.save(payload, fh), binary=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

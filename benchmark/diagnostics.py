@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import combinations
@@ -43,6 +42,8 @@ from torch.utils.data import Dataset, Subset
 
 from benchmark.data.base import TensorSplit, iterate_batches
 from benchmark.device import derive_seed
+from benchmark.errors import UsageError
+from benchmark.files import write_atomic
 from benchmark.method import EvalOutput
 from benchmark.metrics import accuracy, linear_probe_predictions
 
@@ -259,8 +260,8 @@ def noisy_head_logits(method: Method, trainer: Trainer, modality: str, sigma: fl
                 rows.append(method.head_logits(noisy(batch), modality).float().cpu())
     logits = torch.cat(rows)
     if memo is not None:
-        with contextlib.suppress(OSError):  # a full or read-only cache costs the sharing only
-            _save_memo(memo, {"key": key, "logits": logits})
+        with contextlib.suppress(UsageError, OSError):  # a full or read-only cache costs the sharing only
+            write_atomic(memo, lambda fh: torch.save({"key": key, "logits": logits}, fh), binary=True)
     return logits
 
 
@@ -283,18 +284,6 @@ def _noise_memo(method: Method, trainer: Trainer, modality: str, sigma: float, s
            "device_type": trainer.device.type, "amp": str(cfg.amp), "kind": "noisy-head-v1"}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(checkpoint).with_suffix(".noise") / f"{digest}.pt", key
-
-
-def _save_memo(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -8,8 +8,9 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from benchmark.errors import UsageError
 
@@ -73,24 +74,31 @@ def check_parent(path: Path, flag: str) -> None:
                          f"another {flag}")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file.
-    The file gets the usual permissions (0666 less the umask), so colleagues can read a shared store."""
-    text = json.dumps(data, indent=1, default=str, allow_nan=True)
+def write_atomic(path: Path, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+    """``write(file)`` into a temporary file in the same folder, synced, then renamed over ``path``:
+    never a half-written file. The file gets the usual permissions (0666 less the umask), so
+    colleagues can read a shared store. A failure (full disk, read-only folder) is one line
+    naming the file, and the temporary file goes."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise UsageError(os_error_line(exc, path)) from None
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
             os.fchmod(fh.fileno(), 0o666 & ~current_umask())
-            fh.write(text)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # full, read-only: one line naming the file; the temporary file goes
+    except OSError as exc:
         raise UsageError(os_error_line(exc, path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, through :func:`write_atomic`."""
+    text = json.dumps(data, indent=1, default=str, allow_nan=True)
+    write_atomic(path, lambda fh: fh.write(text))
