@@ -6,11 +6,14 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 CONSTRAINTS = ("-c", "constraints.txt")
+# pip byte-compiles every installed module (torch's thousands) unless told not to; Python compiles
+# what is imported anyway. Saves about 20 s of each fresh environment on 2 cores.
+PIP_OPTIONS = ("--no-compile",)
 
 
 def install(session: nox.Session, *extras: str) -> None:
     target = f".[{','.join(extras)}]" if extras else "."
-    session.install("-e", target, *CONSTRAINTS)
+    session.install(*PIP_OPTIONS, "-e", target, *CONSTRAINTS)
 
 
 @nox.session
@@ -39,8 +42,8 @@ def _install_once(session: nox.Session, *requirements: str) -> None:
     if marker.exists() and marker.read_text() == digest.hexdigest():
         return
     if requirements:  # a light environment: these, and the package without its dependencies
-        session.install(*requirements)
-        session.install("--no-deps", "-e", ".")
+        session.install(*PIP_OPTIONS, *requirements)
+        session.install(*PIP_OPTIONS, "--no-deps", "-e", ".")
     else:
         install(session)
     marker.write_text(digest.hexdigest())
