@@ -26,6 +26,7 @@ class UnimodalOptions:
 class Unimodal(Method):
     summary = "one modality alone: encoder + linear head, cross-entropy"
     Options = UnimodalOptions
+    run_first = True  # its checkpoints serve ensemble, UDI's anchor phase and MCR's initialisation
     _checkpoint: str | None = None  # the cached checkpoint trained or loaded by run()
 
     def check(self) -> None:

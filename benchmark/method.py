@@ -121,6 +121,9 @@ class Method:
     summary: ClassVar[str] = ""
     # Shared settings the method's paper uses (a sweep applies them with use_recommended = true).
     recommended: ClassVar[dict[str, Any]] = {}
+    # It trains the unimodal checkpoints other methods reuse (benchmark.unimodal): a sweep runs it
+    # before every other method.
+    run_first: ClassVar[bool] = False
 
     @staticmethod
     def search_space(trial: Any) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Sweep workers: each walks the planned runs, skips what the store has or another process
+holds, and trains the rest (in a process of the local pool or in a SLURM job)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import build_config
+from benchmark.errors import UsageError
+from benchmark.files import os_error_line
+from benchmark.procs import worker_init
+from benchmark.store import Store, count_unimodal_reuse
+from benchmark.sweep_plan import PlannedRun, Smoke, _DataCache
+
+
+# --- workers --------------------------------------------------------------------------------------
+@dataclass
+class WorkerSpec:
+    store: str
+    device: str = ""  # "" keeps each run's own device setting
+    threads: int = 0
+    smoke: Smoke | None = None
+    retry_before: float = 0.0  # re-run failed records written before this time (0: never)
+    plugins: tuple[str, ...] = ()  # plug-in modules of the submitting process ($BMB_PLUGINS, entry points)
+
+
+def _needs_run(store: Store, item: PlannedRun, retry_before: float) -> bool:
+    path = Path(item.path)
+    if not path.exists():
+        return True
+    record = store.read(path)
+    if record is None:
+        return True  # unreadable: replace it
+    if record.get("status") == "failed" and retry_before:
+        return float(record.get("written_at", 0.0)) < retry_before
+    return False
+
+
+def work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Run every item not yet in the store and not claimed by another process (with the
+    worker's thread count, given back afterwards: a sweep run in-process leaves the caller's)."""
+    import torch
+
+    from benchmark.registry import PLUGINS_ENV, load_plugins
+
+    if spec.plugins:  # a SLURM job on another node imports the submitter's plug-ins too
+        named = [n for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+        os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys([*named, *spec.plugins]))
+    load_plugins()
+    previous = torch.get_num_threads()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        _work(items, spec, emit)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, Any]], None]) -> None:
+    from benchmark.runner import execute_with_outputs, failed_record, prepare
+
+    store = Store(spec.store)
+    cache = _DataCache(spec.smoke)
+    for item in items:
+        if not _needs_run(store, item, spec.retry_before):  # another process has finished it
+            emit({"event": "skip", "key": item.key})
+            continue
+        claim = store.claim(item.key)
+        if claim is None:
+            emit({"event": "busy", "key": item.key})
+            continue
+        try:
+            if not _needs_run(store, item, spec.retry_before):  # finished while we looked
+                emit({"event": "skip", "key": item.key})
+                continue
+            emit({"event": "start", "key": item.key, "label": item.label, "dataset": item.dataset,
+                  "seed": item.seed, "pid": os.getpid()})
+            record = _run_one(item, spec, store, cache, prepare, execute_with_outputs, failed_record)
+            store.write(Path(item.path), record)
+            trained, reused = count_unimodal_reuse(record)
+            metrics = record.get("metrics", {})
+            emit({"event": "done", "key": item.key, "status": record["status"], "label": item.label,
+                  "dataset": item.dataset, "seed": item.seed, "accuracy": metrics.get("accuracy"),
+                  "seconds": record.get("elapsed_seconds", 0.0), "error": record.get("error", ""),
+                  "trained": trained, "reused": reused})
+        finally:
+            claim.release()
+
+
+def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache,
+             prepare: Callable, execute: Callable, failed_record: Callable) -> dict[str, Any]:
+    assignments = dict(item.assignments)
+    if spec.device and str(assignments.get("device", "auto")) == "auto":
+        assignments["device"] = spec.device
+    assignments["cache_dir"] = str(store.cache_dir)
+    t0 = time.perf_counter()
+    previous = store.read(Path(item.path)) if Path(item.path).exists() else None
+    log_path = store.log_path(item.key)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log_file:
+        def log(msg: str) -> None:
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+        log(f"== {item.label} on {item.dataset} seed {item.seed} (key {item.key}) pid {os.getpid()}")
+        run = None
+        try:
+            cfg = build_config(assignments)
+            run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
+            # the tracking logs and the checkpoint (options log, save_checkpoint) go beside the record
+            record = execute(run, Path(item.path), log=log, cache_dir=str(store.cache_dir))
+        except Exception as exc:  # diverged (non-finite loss) or any error: recorded, the sweep goes on
+            log("".join(traceback.format_exception(exc)))
+            if run is None:
+                record = {"schema": 1, "status": "failed", "method": item.method, "dataset": item.dataset,
+                          "seed": item.seed, "config": assignments, "error": f"{type(exc).__name__}: {exc}"}
+            else:
+                record = failed_record(run, exc)
+            record["traceback"] = traceback.format_exception(exc)[-3:]
+    record["key"] = item.key
+    if item.key != item.run_key:
+        record["run_key"] = item.run_key
+    record["sweep"] = {"label": item.label, "variant": item.variant, "tuned": item.tuned}
+    if spec.smoke:
+        record["smoke"] = asdict(spec.smoke)
+    if previous and previous.get("status") == "failed":
+        record["previous_errors"] = previous.get("previous_errors", []) + [previous.get("error", "")]
+    record["elapsed_seconds"] = time.perf_counter() - t0
+    record["written_at"] = time.time()
+    return record
+
+
+def _worker_main(items: list[PlannedRun], spec: WorkerSpec, events: Any) -> None:
+    worker_init()
+    try:
+        work(items, spec, events.put)
+    except (UsageError, OSError) as exc:  # the store cannot be written (full, read-only): one line
+        message = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+        events.put({"event": "error", "pid": os.getpid(), "message": message})
+        sys.exit(2)
+    events.put({"event": "exit", "pid": os.getpid()})
