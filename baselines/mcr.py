@@ -32,12 +32,10 @@ from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
 from benchmark.losses import js_divergence
-from benchmark.method import Batch, EvalOutput, Stage, StepContext, shared_search_space
+from benchmark.method import Batch, EvalOutput, StepContext, shared_search_space
 from benchmark.registry import register_method
 from benchmark.unimodal import train_unimodal
 
-JOINT_BUILD_KEY = "method/joint/build"
-JOINT_DATA_KEY = "method/joint"
 GAMES = {"greedy": -1.0, "independent": 0.0, "collaborative": 1.0}
 ALL = "*"  # routing key of a JS term whose gradient reaches every encoder
 
@@ -130,6 +128,7 @@ def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 @register_method("mcr")
 class MCR(Joint):
     summary = "MCR: joint CE + latent-permutation JS game regularizer + supervised contrastive term"
+    shares_streams_with = "joint"  # joint's initial weights and batches for a seed
     Options = MCROptions
     min_modalities = 2
     # The reference's CREMA-D settings (run.sh); the shared configuration is never changed silently.
@@ -150,7 +149,7 @@ class MCR(Joint):
                                              "choose encoders with equal out_dim or set method.contrastive_weight=0")
 
     def build(self) -> nn.Module:
-        with seeded(self.cfg.seed, JOINT_BUILD_KEY):  # joint's encoders and head for this seed
+        with seeded(self.cfg.seed, self.stream("build")):  # joint's encoders and head for this seed
             super().build()
         model: FusedModel = self.model
         dims = {m: enc.out_dim for m, enc in model.encoders.items()}
@@ -307,11 +306,6 @@ class MCR(Joint):
             out["ceb"] = ceb.detach()
         out["loss"] = loss
         return out
-
-    def stage(self) -> Stage:
-        stage = super().stage()
-        stage.seed_key = JOINT_DATA_KEY  # joint's data order
-        return stage
 
     def run(self, trainer: Any) -> dict[str, Any]:
         facts: dict[str, Any] = {"init": self.options.init}

@@ -30,9 +30,6 @@ from benchmark.losses import entropy
 from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext
 from benchmark.registry import register_method
 
-JOINT_BUILD_KEY = "method/joint/build"
-JOINT_DATA_KEY = "method/joint"
-
 
 @dataclass
 class MLAOptions:
@@ -108,6 +105,7 @@ class MLAModel(nn.Module):
 @register_method("mla")
 class MLA(Method):
     summary = "MLA: alternating unimodal steps through one shared head, OWM projection, entropy fusion"
+    shares_streams_with = "joint"  # joint's initial weights and batches for a seed
     Options = MLAOptions
     min_modalities = 2
     recommended: ClassVar[dict[str, Any]] = {
@@ -120,7 +118,7 @@ class MLA(Method):
                                          "choose encoders with equal out_dim via --set encoder.<modality>=...")
 
     def build(self) -> nn.Module:
-        with seeded(self.cfg.seed, JOINT_BUILD_KEY):  # the same encoders as joint for this seed
+        with seeded(self.cfg.seed, self.stream("build")):  # the same encoders as joint for this seed
             encoders = self.make_encoders()
             dim = next(iter(encoders.values())).out_dim
             head = nn.Linear(dim, self.info.num_classes)
@@ -134,12 +132,12 @@ class MLA(Method):
         """M optimizer steps: one per modality, through the shared head."""
         y = batch["label"]
         head = self.model.head
-        with ctx.trainer.autocast():
+        with ctx.autocast():
             feats = self.encode(batch)
         out: dict[str, torch.Tensor] = {}
         for m in self.modalities:
             # Each loss involves only its own encoder's graph and the head's current weights.
-            with ctx.trainer.autocast():
+            with ctx.autocast():
                 loss = F.cross_entropy(head(feats[m]), y)
             for opt_ in ctx.optimizers:
                 opt_.zero_grad(set_to_none=True)
@@ -159,10 +157,9 @@ class MLA(Method):
 
     def stage(self) -> Stage:
         return Stage(name=self.name, module=self.model, step=self.step, predict=self.predict,
-                     seed_key=JOINT_DATA_KEY, manual=True, modalities=list(self.modalities))
+                     seed_key=self.stream(), manual=True, modalities=list(self.modalities))
 
-    def run(self, trainer: Any) -> dict[str, Any]:
-        trainer.fit(self.stage())
+    def record_facts(self) -> dict[str, Any]:
         return {"projected_updates": self.projected_updates,
                 "projector_updates": self.projector.updates if self.projector else 0}
 

@@ -32,13 +32,11 @@ from baselines.joint import Joint
 from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
-from benchmark.method import Batch, Stage, StepContext, shared_search_space
+from benchmark.method import Batch, StepContext, shared_search_space
 from benchmark.registry import register_method
 
 MODULATE_CHOICES = ("auto", "conv", "weights")
 WINDOW_UNITS = ("fraction", "epochs")
-JOINT_BUILD_KEY = "method/joint/build"
-JOINT_DATA_KEY = "method/joint"
 
 
 @dataclass
@@ -107,6 +105,7 @@ def modulated_parameters(encoder: nn.Module, rule: str) -> tuple[list[nn.Paramet
 @register_method("ogm_ge")
 class OGMGE(Joint):
     summary = "OGM-GE: joint CE; encoder gradients scaled by 1 − tanh(α ρ) plus Gaussian noise"
+    shares_streams_with = "joint"  # joint's initial weights and batches for a seed
     Options = OGMGEOptions
     min_modalities = 2
     max_modalities = 2
@@ -129,14 +128,13 @@ class OGMGE(Joint):
 
     def build(self) -> nn.Module:
         # Built under joint's seed stream: the same seed gives joint's initial weights.
-        with seeded(self.cfg.seed, JOINT_BUILD_KEY):
+        with seeded(self.cfg.seed, self.stream("build")):
             super().build()
         self._targets: dict[str, list[nn.Parameter]] = {}
         self._rules: dict[str, str] = {}
         for m in self.modalities:
             self._targets[m], self._rules[m] = modulated_parameters(self.model.encoders[m], self.options.modulate)
         self._noise_gen: torch.Generator | None = None
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._reset_epoch()
         return self.model
 
@@ -146,8 +144,8 @@ class OGMGE(Joint):
         logits = self.model.head(feats)
         a, v = self.modalities
         readouts = self.model.head.unimodal_logits(feats)
-        self._last = (readouts[a].detach(), readouts[v].detach(), batch["label"])
-        return {"loss": F.cross_entropy(logits, batch["label"])}
+        return {"loss": F.cross_entropy(logits, batch["label"]),
+                "_z_a": readouts[a].detach(), "_z_v": readouts[v].detach(), "_y": batch["label"]}
 
     def active(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) is inside the modulation window."""
@@ -157,11 +155,8 @@ class OGMGE(Joint):
         budget = self.cfg.epochs
         return o.modulation_start * budget <= epoch < o.modulation_end * budget
 
-    def after_backward(self, ctx: StepContext) -> None:
-        if self._last is None:
-            return
-        z_a, z_v, y = self._last
-        self._last = None
+    def after_backward(self, ctx: StepContext, outputs: dict[str, torch.Tensor]) -> None:
+        z_a, z_v, y = outputs["_z_a"], outputs["_z_v"], outputs["_y"]
         k_a, k_v, ratio_v = ogm_coefficients(z_a, z_v, y, self.options.alpha)
         self._sums["ratio"] += ratio_v
         self._sums["k_a"] += k_a
@@ -208,14 +203,7 @@ class OGMGE(Joint):
         return {"ogm_ratio_v": self._sums["ratio"] / n, f"ogm_k_{a}": self._sums["k_a"] / n,
                 f"ogm_k_{v}": self._sums["k_v"] / n, "ogm_modulated_steps": self._sums["modulated_steps"]}
 
-    def stage(self) -> Stage:
-        stage = super().stage()
-        stage.seed_key = JOINT_DATA_KEY  # joint's data order
-        stage.epoch_log = self.epoch_log
-        return stage
-
-    def run(self, trainer: Any) -> dict[str, Any]:
-        trainer.fit(self.stage())
+    def record_facts(self) -> dict[str, Any]:
         a, v = self.modalities
         return {
             "roles": {"a": a, "v": v},

@@ -11,6 +11,7 @@ Methods never read files or write results; the trainer and the runner do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class StepContext:
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.trainer.optimizer_step(optimizer)
 
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The run's mixed precision (a no-op in float32) for a manual step's forward passes."""
+        return self.trainer.autocast()
+
 
 @dataclass
 class EvalOutput:
@@ -82,7 +87,9 @@ class Stage:
     params: list[nn.Parameter] | None = None
     make_optimizers: Callable[[list[nn.Parameter]], list[torch.optim.Optimizer]] | None = None
     manual: bool = False
-    after_backward: Callable[[StepContext], None] | None = None
+    # called between backward and the optimizer step with the step's outputs; outputs whose name
+    # starts with "_" (a step's readouts, say) are for it alone and are not logged
+    after_backward: Callable[[StepContext, dict[str, torch.Tensor]], None] | None = None
     on_epoch_start: Callable[[StepContext], None] | None = None
     epoch_log: Callable[[], dict[str, Any]] | None = None
     epochs: int | None = None
@@ -113,7 +120,27 @@ def shared_search_space(trial: Any) -> dict[str, Any]:
 
 class Method:
     """Base class of every training method. Subclasses are registered with
-    ``@register_method(name)`` and set ``Options`` to a dataclass of their own options."""
+    ``@register_method(name)`` and set ``Options`` to a dataclass of their own options.
+
+    Every hook is declared here with its default, and the loop (``Trainer.fit``) fires them the
+    same way for every method:
+
+    - facts: ``summary``, ``Options``, ``min_modalities``/``max_modalities``, ``recommended`` (the
+      paper's shared settings), ``search_space`` (what ``tune`` searches), ``run_first`` (trains
+      the shared unimodal checkpoints), ``shares_streams_with`` (whose initialisation and data
+      order it shares; :meth:`stream` names the seed streams);
+    - building: :meth:`check` (dataset-dependent option checks), :meth:`build` (the model);
+    - training: :meth:`run` (the phases; by default one :meth:`stage`), :meth:`training_step` (one
+      loss, or named losses whose sum is ``loss``; a manual stage steps its optimisers itself
+      through ``StepContext``), :meth:`after_backward` (between backward and the optimiser step,
+      with the step's outputs), :meth:`on_epoch_start`, :meth:`epoch_log` (extra numbers for the
+      epoch's history row), :meth:`record_facts` (facts for the result record);
+    - evaluation: :meth:`predict`, :meth:`eval_forward`;
+    - diagnostics: ``absent_rule``, :meth:`predict_subset`, :meth:`head_logits`,
+      :meth:`fuse_heads`, :meth:`modalities_read`, :meth:`frozen_checkpoint`,
+      :meth:`training_readouts`;
+    - checkpoints: :meth:`checkpoint_state`, :meth:`load_checkpoint_state`.
+    """
 
     Options: ClassVar[type] = NoOptions
     min_modalities: ClassVar[int] = 1
@@ -124,6 +151,10 @@ class Method:
     # It trains the unimodal checkpoints other methods reuse (benchmark.unimodal): a sweep runs it
     # before every other method.
     run_first: ClassVar[bool] = False
+    # Whose initialisation and data order it shares: its model is built, and its batches drawn,
+    # from the named streams of that method (e.g. "joint": the same encoders and batches as joint
+    # for a seed); None: its own.
+    shares_streams_with: ClassVar[str | None] = None
 
     @staticmethod
     def search_space(trial: Any) -> dict[str, Any]:
@@ -227,6 +258,21 @@ class Method:
             return None
         return self.eval_forward(batch).unimodal
 
+    def stream(self, purpose: str = "") -> str:
+        """The name of the seed stream this method draws ``purpose`` from: ``method/<name>`` for
+        its data order, ``method/<name>/build`` for its initialisation, ``<name>`` being
+        :attr:`shares_streams_with` when set."""
+        base = f"method/{self.shares_streams_with or self.name}"
+        return f"{base}/{purpose}" if purpose else base
+
+    def epoch_log(self) -> dict[str, Any]:
+        """Extra numbers for the epoch's history row (read once per epoch, after validation)."""
+        return {}
+
+    def record_facts(self) -> dict[str, Any]:
+        """Method-specific facts for the result record, read once training is over."""
+        return {}
+
     def stage(self) -> Stage:
         """The single stage of a one-phase method."""
         return Stage(
@@ -234,22 +280,24 @@ class Method:
             module=self.model,
             step=self.training_step,
             predict=self.predict,
-            seed_key=f"method/{self.name}",
+            seed_key=self.stream(),
             after_backward=self.after_backward if _overrides(self, "after_backward") else None,
             on_epoch_start=self.on_epoch_start if _overrides(self, "on_epoch_start") else None,
+            epoch_log=self.epoch_log if _overrides(self, "epoch_log") else None,
             modalities=list(self.modalities),
         )
 
-    def after_backward(self, ctx: StepContext) -> None:
-        """Between backward and the optimizer step (gradient modulation)."""
+    def after_backward(self, ctx: StepContext, outputs: dict[str, torch.Tensor]) -> None:
+        """Between backward and the optimizer step (gradient modulation), with what
+        :meth:`training_step` returned (its "_"-named entries are not logged)."""
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         """Before the first batch of each epoch."""
 
     def run(self, trainer: Trainer) -> dict[str, Any]:
-        """Train; returns method-specific facts for the result record."""
+        """Train; returns method-specific facts for the result record (:meth:`record_facts`)."""
         trainer.fit(self.stage())
-        return {}
+        return self.record_facts()
 
     # --- checkpoints (benchmark.checkpoint) ------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:

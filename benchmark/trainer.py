@@ -223,11 +223,13 @@ class Trainer:
                         for opt in optimizers:
                             self.scaler.unscale_(opt)
                     if stage.after_backward:
-                        stage.after_backward(ctx)
+                        stage.after_backward(ctx, out)
                     for opt in optimizers:
                         self.optimizer_step(opt)
                 n = len(batch["label"])
                 for key, value in out.items():  # kept on the device; averaged once per epoch
+                    if key.startswith("_"):  # handed to after_backward, not logged
+                        continue
                     values, sizes = logged.setdefault(key, ([], []))
                     values.append(value.detach())
                     sizes.append(n)

@@ -76,13 +76,14 @@ def _backward(m, seed: int = 0) -> dict[str, torch.Tensor]:
     m.model.zero_grad(set_to_none=True)
     out = m.training_step(batch, SimpleNamespace(epoch=0))
     out["loss"].backward()
+    m.last_outputs = out  # what the trainer hands to after_backward
     return {n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None}
 
 
 def test_only_the_encoders_conv_kernels_change() -> None:
     m = _image_method("ogm_ge")
     before = _backward(m)
-    m.after_backward(SimpleNamespace(epoch=0))
+    m.after_backward(SimpleNamespace(epoch=0), m.last_outputs)
     after = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
     assert before.keys() == after.keys()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -91,7 +92,7 @@ def test_only_the_encoders_conv_kernels_change() -> None:
     # plain OGM: only the damped modality's kernels change (k = 1 leaves the other bitwise)
     m = _image_method("ogm")
     before = _backward(m)
-    m.after_backward(SimpleNamespace(epoch=0))
+    m.after_backward(SimpleNamespace(epoch=0), m.last_outputs)
     changed = {n for n, p in m.model.named_parameters() if not torch.equal(before[n], p.grad)}
     prefixes = {n.split(".")[1] for n in changed}
     assert len(prefixes) == 1 and all(m.model.get_parameter(n).dim() == 4 for n in changed)
@@ -101,9 +102,9 @@ def test_modulated_gradient_is_k_times_g() -> None:
     m = _image_method("ogm")
     m.options.alpha = 0.8
     before = _backward(m)
-    z = m._last
-    k_a, k_v, _ = ogm_coefficients(z[0], z[1], z[2], 0.8)
-    m.after_backward(SimpleNamespace(epoch=0))
+    z = m.last_outputs
+    k_a, k_v, _ = ogm_coefficients(z["_z_a"], z["_z_v"], z["_y"], 0.8)
+    m.after_backward(SimpleNamespace(epoch=0), m.last_outputs)
     for n, p in m.model.named_parameters():
         if n.startswith("encoders.") and p.dim() == 4:
             k = k_a if n.startswith("encoders.a.") else k_v
@@ -113,9 +114,9 @@ def test_modulated_gradient_is_k_times_g() -> None:
 def test_ge_noise_has_the_unmodulated_gradients_std() -> None:
     m = _image_method("ogm_ge")
     before = _backward(m)
-    z = m._last
-    k_a, k_v, _ = ogm_coefficients(z[0], z[1], z[2], m.options.alpha)
-    m.after_backward(SimpleNamespace(epoch=0))
+    z = m.last_outputs
+    k_a, k_v, _ = ogm_coefficients(z["_z_a"], z["_z_v"], z["_y"], m.options.alpha)
+    m.after_backward(SimpleNamespace(epoch=0), m.last_outputs)
     checked = 0
     for n, p in m.model.named_parameters():
         if n.startswith("encoders.") and p.dim() == 4 and p.numel() > 20000:
@@ -131,7 +132,7 @@ def test_nothing_is_modulated_outside_the_window() -> None:
     m = _image_method("ogm_ge", modulation_start="2", modulation_end="3", window="epochs")
     for epoch, inside in ((0, False), (1, False), (2, True), (3, True), (4, False)):
         before = _backward(m)
-        m.after_backward(SimpleNamespace(epoch=epoch))
+        m.after_backward(SimpleNamespace(epoch=epoch), m.last_outputs)
         same = all(torch.equal(before[n], p.grad) for n, p in m.model.named_parameters())
         assert same != inside, epoch
 
@@ -218,9 +219,9 @@ def test_a_step_reads_one_value_from_the_device_the_ratio(tiny: dict) -> None:
         per_step.append(calls)
         return out
 
-    def guarded_after(ctx):
+    def guarded_after(ctx, outputs):
         with host_syncs() as calls:
-            after(ctx)
+            after(ctx, outputs)
         per_step[-1].extend(calls)
 
     stage.step, stage.after_backward = guarded_step, guarded_after
