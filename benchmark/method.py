@@ -74,7 +74,11 @@ class Stage:
     """One training phase run by ``Trainer.fit``.
 
     ``step(batch, ctx)`` returns a dict of scalar tensors; unless ``manual`` is set the loop
-    backpropagates ``"loss"`` and steps the optimizers. ``predict(batch)`` gives the logits whose
+    backpropagates ``"loss"`` and steps the optimizers. With ``combine_gradients`` the loop
+    instead takes the gradient of each loss named in ``losses`` (outputs of the step) with respect
+    to the trainable parameters, one by one, and the parameters receive what
+    ``combine_gradients(grads, ctx)`` makes of them (``grads[name][i]``: loss ``name``'s gradient
+    of parameter ``i``, zeros where it does not reach), before ``after_backward`` and the step. ``predict(batch)`` gives the logits whose
     validation accuracy selects the best epoch. ``seed_key`` names the data-order stream, so two
     stages with the same key see the batches in the same order.
     """
@@ -92,6 +96,9 @@ class Stage:
     after_backward: Callable[[StepContext, dict[str, torch.Tensor]], None] | None = None
     on_epoch_start: Callable[[StepContext], None] | None = None
     epoch_log: Callable[[], dict[str, Any]] | None = None
+    # per-loss gradients (methods that combine them: MMPareto, AGM, UDI's controller)
+    losses: list[str] | None = None
+    combine_gradients: Callable[[dict[str, list[torch.Tensor]], StepContext], list[torch.Tensor]] | None = None
     epochs: int | None = None
     patience: int | None = None
     # Multiply the learning rate by 0.1 after this many epochs without a better validation accuracy
@@ -284,12 +291,25 @@ class Method:
             after_backward=self.after_backward if _overrides(self, "after_backward") else None,
             on_epoch_start=self.on_epoch_start if _overrides(self, "on_epoch_start") else None,
             epoch_log=self.epoch_log if _overrides(self, "epoch_log") else None,
+            losses=list(self.gradient_losses) if self.gradient_losses else None,
+            combine_gradients=self.combine_gradients if self.gradient_losses else None,
             modalities=list(self.modalities),
         )
 
     def after_backward(self, ctx: StepContext, outputs: dict[str, torch.Tensor]) -> None:
         """Between backward and the optimizer step (gradient modulation), with what
         :meth:`training_step` returned (its "_"-named entries are not logged)."""
+
+    # The named losses of training_step whose gradients combine_gradients combines (None: the
+    # loop backpropagates "loss" as usual).
+    gradient_losses: ClassVar[list[str] | None] = None
+
+    def combine_gradients(self, grads: dict[str, list[torch.Tensor]], ctx: StepContext) -> list[torch.Tensor]:
+        """Per-loss gradients (``grads[name][i]``, in the order of the stage's trainable
+        parameters) → the gradient each parameter receives; by default their sum, which is the
+        gradient of the summed losses."""
+        names = list(grads)
+        return [sum((grads[n][i] for n in names[1:]), grads[names[0]][i]) for i in range(len(grads[names[0]]))]
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         """Before the first batch of each epoch."""

@@ -93,6 +93,28 @@ class Trainer:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def combined_backward(self, stage: Stage, out: dict[str, torch.Tensor], params: list[nn.Parameter],
+                          ctx: StepContext) -> None:
+        """The gradient of each of ``stage.losses`` with respect to ``params`` (scaled like
+        ``backward`` under mixed precision), combined by ``stage.combine_gradients`` into the
+        parameters' ``.grad``."""
+        names = stage.losses or []
+        missing = [n for n in names if n not in out]
+        if missing or not names:
+            raise KeyError(f"stage {stage.name}: its step returned no {missing or 'losses'} "
+                           f"(it returned {sorted(out)})")
+        grads: dict[str, list[torch.Tensor]] = {}
+        reached = [False] * len(params)
+        for i, name in enumerate(names):
+            loss = self.scaler.scale(out[name]) if self.scaler else out[name]
+            got = torch.autograd.grad(loss, params, retain_graph=i < len(names) - 1, allow_unused=True)
+            reached = [r or g is not None for r, g in zip(reached, got)]
+            grads[name] = [torch.zeros_like(p) if g is None else g for g, p in zip(got, params)]
+        assert stage.combine_gradients is not None
+        for p, g, hit in zip(params, stage.combine_gradients(grads, ctx), reached):
+            if hit:  # a parameter no loss reaches keeps no gradient, as after backward()
+                p.grad = g
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler:
             self.scaler.step(optimizer)
@@ -218,7 +240,10 @@ class Trainer:
                         out = stage.step(batch, ctx)
                     for opt in optimizers:
                         opt.zero_grad(set_to_none=True)
-                    self.backward(out["loss"])
+                    if stage.combine_gradients:
+                        self.combined_backward(stage, out, params, ctx)
+                    else:
+                        self.backward(out["loss"])
                     if self.scaler:
                         for opt in optimizers:
                             self.scaler.unscale_(opt)
