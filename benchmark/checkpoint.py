@@ -97,13 +97,11 @@ def config_of(ckpt: dict[str, Any], device: str = "") -> Any:
 
 def restore(ckpt: dict[str, Any], cfg: Any, data: MultimodalData, device: torch.device) -> Method:
     """The method rebuilt from its configuration, with the checkpoint's state and weights."""
-    from benchmark.device import seeded
-    from benchmark.method import create_method
+    from benchmark.method import build_method, create_method
 
     method = create_method(cfg.method, data.info, cfg)
     method.device = device
-    with seeded(cfg.seed, f"method/{cfg.method}/build"):
-        method.build()
+    build_method(method)
     method.load_checkpoint_state(ckpt.get("method_state") or {})
     state = ckpt["state_dict"]
     own = method.model.state_dict()

@@ -369,5 +369,13 @@ def create_method(name: str, info: DataInfo, cfg: RunConfig) -> Method:
     return method
 
 
+def build_method(method: Method) -> nn.Module:
+    """Build ``method``'s model under its run's build stream (``method/<name>/build``), the one
+    place a run's model is made: the same seed gives the same weights in a run, a re-evaluation,
+    a timing or a test."""
+    with seeded(method.cfg.seed, f"method/{method.name}/build"):
+        return method.build()
+
+
 def options_of(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else {}

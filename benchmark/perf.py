@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from benchmark.config import RunConfig, build_config
 from benchmark.data import DataInfo, ModalitySpec, MultimodalData, TensorSplit, create_dataset
-from benchmark.device import pick_device, seed_everything, seeded, set_determinism
-from benchmark.method import create_method, make_optimizer
+from benchmark.device import pick_device, seed_everything, set_determinism
+from benchmark.method import build_method, create_method, make_optimizer
 from benchmark.registry import list_methods
 from benchmark.trainer import Trainer
 
@@ -94,8 +94,7 @@ def time_method(setting: Setting, method: str, overrides: dict[str, Any], epochs
     trainer = Trainer(cfg, setting.data, device, cache_dir=cache_dir)
     m = create_method(method, setting.data.info, cfg)
     m.device = device
-    with seeded(cfg.seed, f"method/{method}/build"):
-        m.build()
+    build_method(m)
     m.model.to(device)
     m.run(trainer)
     per_stage: dict[str, list[float]] = {}
@@ -111,8 +110,7 @@ def time_floor(setting: Setting, epochs: int, device: torch.device) -> float:
     cfg = _config(setting, "joint", {}, epochs, str(device))
     seed_everything(cfg.seed)
     method = create_method("joint", setting.data.info, cfg)
-    with seeded(cfg.seed, "method/joint/build"):
-        model = method.build().to(device)
+    model = build_method(method).to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(list(model.parameters()), cfg)
@@ -279,8 +277,7 @@ def data_wait(device: torch.device, epochs: int) -> list[str]:
         cfg = _config(setting, "joint", {}, epochs, str(device))
         trainer = Trainer(cfg, data, device)
         method = create_method("joint", data.info, cfg)
-        with seeded(cfg.seed, "method/joint/build"):
-            method.build()
+        build_method(method)
         method.run(trainer)
         rows = trainer.history[1:] or trainer.history
         share = sum(r["data_wait_seconds"] for r in rows) / sum(r["epoch_seconds"] for r in rows)

@@ -23,7 +23,7 @@ from benchmark.device import pick_device, seed_everything, seeded, set_determini
 from benchmark.diagnostics import Diagnostics
 from benchmark.errors import DivergedError, UsageError
 from benchmark.files import check_writable_dir, current_umask, os_error_line, write_json_atomic  # noqa: F401  (re-exported)
-from benchmark.method import EvalOutput, Method, create_method, options_of
+from benchmark.method import EvalOutput, Method, build_method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
 from benchmark.models.encoders import encoder_factory
 from benchmark.trainer import Trainer
@@ -256,8 +256,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     diagnostics = Diagnostics(run.method, cfg, trainer) if cfg.diagnostics else None  # ρ per epoch; the rest after training
     method = run.method
     method.device = run.device
-    with seeded(cfg.seed, f"method/{cfg.method}/build"):
-        method.build()
+    build_method(method)
     method.model.to(run.device)
     facts = method.run(trainer)
     metrics, test_outputs = evaluate(run, trainer)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from benchmark.config import build_config, parse_assignments
-from benchmark.device import seeded
 from benchmark.errors import UsageError
+from benchmark.method import build_method
 from benchmark.runner import prepare
 from benchmark.trainer import Trainer
 from udi.method import UDI, FollowerPhase
@@ -41,8 +41,7 @@ def measure(assignments: dict[str, Any], repeats: int, warmup: int, log: Any = N
     run = prepare(build_config(settings))
     trainer = Trainer(run.cfg, run.data, run.device, log=log)
     method = run.method
-    with seeded(run.cfg.seed, "method/udi/build"):
-        method.build()
+    build_method(method)
     method.model.to(run.device)
     method.anchor_phase(trainer)
     modality = method.followers[0]
