@@ -446,10 +446,6 @@ def _tune_one(args: argparse.Namespace, method: str, fixed: dict[str, Any], stor
                     proc.join(timeout=10)
         if any(proc.exitcode == 2 for proc in procs):
             raise UsageError(f"the workers of study {name!r} stopped on an error (above)")
-        if any(proc.exitcode in (130, -signal.SIGINT) for proc in procs):
-            # a worker was interrupted (its trial given back) though this process saw no Ctrl-C
-            # itself (it came while the signal was being handled elsewhere): the tune was cut short
-            raise KeyboardInterrupt
     _wait_for_running(study)  # so that every worker writes the same, final best parameters
     datasets = list(fixed.get("datasets") or [fixed["dataset"]])
     for dataset in datasets:  # one file per dataset, which `sweep --tuned` applies to its runs
