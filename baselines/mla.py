@@ -105,6 +105,11 @@ class MLAModel(nn.Module):
 @register_method("mla")
 class MLA(Method):
     summary = "MLA: alternating unimodal steps through one shared head, OWM projection, entropy fusion"
+    table_order = 6
+    perf_bound = 1.25
+    published: ClassVar[dict[str, dict[str, tuple[float, float | None]]]] = {
+        "crema-d": {"BalanceBenchmark (1 run, test-selected)": (72.30, None)},
+    }
     shares_streams_with = "joint"  # joint's initial weights and batches for a seed
     Options = MLAOptions
     min_modalities = 2

@@ -105,6 +105,11 @@ def modulated_parameters(encoder: nn.Module, rule: str) -> tuple[list[nn.Paramet
 @register_method("ogm_ge")
 class OGMGE(Joint):
     summary = "OGM-GE: joint CE; encoder gradients scaled by 1 − tanh(α ρ) plus Gaussian noise"
+    table_order = 5
+    perf_bound = 1.15
+    published: ClassVar[dict[str, dict[str, tuple[float, float | None]]]] = {
+        "crema-d": {"MCR reruns (3 folds, val-selected)": (65.6, 3.8)},
+    }
     shares_streams_with = "joint"  # joint's initial weights and batches for a seed
     Options = OGMGEOptions
     min_modalities = 2
@@ -217,4 +222,9 @@ class OGMGE(Joint):
 @register_method("ogm")
 class OGM(OGMGE):
     summary = "OGM: joint CE; encoder gradients scaled by 1 − tanh(α ρ) (no noise)"
+    table_order = 4
+    perf_bound = 1.15
+    published: ClassVar[dict[str, dict[str, tuple[float, float | None]]]] = {
+        "crema-d": {"BalanceBenchmark (1 run, test-selected)": (67.76, None)},
+    }
     Options = OGMOptions

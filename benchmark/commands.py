@@ -244,7 +244,9 @@ def _register_perf(sub: argparse._SubParsersAction) -> None:
                        description="Training throughput, step time and peak memory of every method, each as a "
                                    "ratio to a minimal PyTorch loop timed in the same process; the table goes "
                                    "to --out.")
-    p.add_argument("--settings", default="small,resnet", help="small, resnet or both [small,resnet]")
+    p.add_argument("--settings", default="small,resnet",
+                   help="comma-separated: small (synthetic, MLP), resnet (ResNet18 on CREMA-D's shapes, reduced on "
+                        "the CPU), crema-d (CREMA-D's audio 1×257×188 and one 112-pixel frame, B = 16) [small,resnet]")
     p.add_argument("--methods", default="", help="comma-separated methods [all registered]")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported) [3]")
     p.add_argument("--epochs", type=int, default=3, help="epochs per timed run; the first is warm-up [3]")

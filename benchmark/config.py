@@ -60,9 +60,9 @@ class RunConfig:
     patience: int = opt(0, "early stopping: epochs without a better validation accuracy (0 = off)")
     unimodal_epochs: int = opt(0, "epoch cap of unimodal training (unimodal, ensemble, UDI's anchor phase, "
                                   "MCR's initialisation), which stops early (0 = epochs)")
-    unimodal_patience: int = opt(8, "unimodal training stops after this many epochs without a better "
+    unimodal_patience: int = opt(8, "the shared unimodal training stops after this many epochs without a better "
                                     "validation accuracy (0 = train all unimodal_epochs)")
-    unimodal_lr_decay: int = opt(4, "unimodal training multiplies the learning rate by 0.1 after this many "
+    unimodal_lr_decay: int = opt(4, "the shared unimodal training multiplies the learning rate by 0.1 after this many "
                                     "epochs without a better validation accuracy, at most twice (0 = never)")
     precise_bn: int = opt(512, "before each validation, recompute the BatchNorm statistics of the trained "
                                 "layers on up to this many training samples (0 = keep the running averages)")

@@ -1,9 +1,12 @@
-"""The option text that ``--help`` shows, read without importing torch.
+"""The option text that ``--help`` shows, and the method facts the report reads, without
+importing torch.
 
 Methods and datasets declare their options in ``Options`` dataclasses that live beside their
 models and loaders, so reading them imports torch (seconds). ``--help`` must answer at once, so
 what it shows of the plug-ins (names, one-line summaries, each option's name, default and help,
-the encoder and fusion-head names) is kept in a generated file, ``benchmark/help_index.json``,
+the encoder and fusion-head names), and each method's facts that the report needs
+(benchmark.method_facts: table order, the reference method, report module, published figures),
+are kept in a generated file, ``benchmark/help_index.json``,
 committed with the code. ``python -m benchmark.help_index`` rewrites it from the registries;
 a test asserts that the committed file equals what the registries give, so a changed option
 that was not re-indexed fails the test suite rather than showing stale help.
@@ -29,14 +32,24 @@ def build_index() -> dict[str, Any]:
     from benchmark.config import options_help
     from benchmark.registry import DATASETS, METHODS, list_encoders, list_fusions
 
-    def entries(registry: Any) -> dict[str, Any]:
+    def entries(registry: Any, facts: Any = None) -> dict[str, Any]:
         # the suite's own entries: plug-ins from outside ($BMB_PLUGINS) are read when asked for
         return {name: {"summary": registry.get(name).summary,
-                       "options": [list(row) for row in options_help(registry.get(name).Options)]}
+                       "options": [list(row) for row in options_help(registry.get(name).Options)],
+                       **({"facts": facts(registry.get(name))} if facts else {})}
                 for name in registry.names() if registry.get(name).__module__.split(".")[0] in BUILT_IN}
 
-    return {"methods": entries(METHODS), "datasets": entries(DATASETS),
+    return {"methods": entries(METHODS, method_facts), "datasets": entries(DATASETS),
             "encoders": list_encoders(), "fusions": list_fusions()}
+
+
+# A method's facts the report reads (benchmark.method_facts), kept here because the report runs
+# without torch: name → how to read it from the class.
+METHOD_FACTS = ("table_order", "reference", "single_modality", "report_module", "published")
+
+
+def method_facts(cls: Any) -> dict[str, Any]:
+    return {name: cls.fact(name) for name in METHOD_FACTS}
 
 
 @lru_cache(maxsize=1)

@@ -162,6 +162,39 @@ class Method:
     # from the named streams of that method (e.g. "joint": the same encoders and batches as joint
     # for a seed); None: its own.
     shares_streams_with: ClassVar[str | None] = None
+    # --- report and perf facts (read by benchmark.report and benchmark.perf, which name no method)
+    # These are the class's own: a subclass does not inherit them (OGM-GE is no reference because
+    # it extends joint); read them with :meth:`fact`.
+    # Position in the tables (methods with equal order come by name).
+    table_order: ClassVar[int] = 100
+    # The reference every other method is compared with (report: paired gaps; perf: step-time
+    # ratios and the hand-written floor loop over its model). Exactly one registered method sets it.
+    reference: ClassVar[bool] = False
+    # Its runs train one modality alone (option ``method.modality``): the report shows its rows per
+    # modality and measures every encoder's shortfall against them; perf times it as the unimodal
+    # step other methods compare with.
+    single_modality: ClassVar[bool] = False
+    # Bound of its training-step time as a ratio to the reference method's (``nox -s perf``), or None.
+    perf_bound: ClassVar[float | None] = None
+    # Bound of its last stage's step time as a ratio to a single-modality model of the same
+    # modality (a method that trains one modality at a time), or None.
+    perf_bound_vs_single: ClassVar[float | None] = None
+    # A module of its own report sections, importable without torch (the report runs without it),
+    # or None; see benchmark.report for the functions it may define.
+    report_module: ClassVar[str | None] = None
+    # Published accuracies (%) to print beside ours: dataset → source → (mean, std or None).
+    published: ClassVar[dict[str, dict[str, tuple[float, float | None]]]] = {}
+
+    @classmethod
+    def fact(cls, name: str) -> Any:
+        """The class's own value of the fact ``name`` (see above), else the base class's default."""
+        return cls.__dict__[name] if name in cls.__dict__ else getattr(Method, name)
+
+    @classmethod
+    def perf_variants(cls, modalities: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        """The configurations ``nox -s perf`` times, as (label, ``--set`` options), on data with
+        these modalities (override beside the method, e.g. one per controller mode)."""
+        return [(cls.registered_name, {})]  # type: ignore[attr-defined]
 
     @staticmethod
     def search_space(trial: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 each as a ratio to a floor measured in the same process.
 
 The floor is a minimal hand-written PyTorch loop (zero_grad, forward, cross-entropy, backward,
-step) over the same model as ``joint``, the same in-memory data and the same batch size, with
+step) over the same model as the reference method (joint), the same in-memory data and the same batch size, with
 nothing else. Every method is run through its own ``run()`` (all its phases) for a few epochs;
 its training epochs are timed by the trainer (validation excluded) and the first epoch of each
 stage is dropped as warm-up. Methods and the floor are interleaved over repeats, and the median
@@ -29,19 +29,26 @@ from benchmark.config import RunConfig, build_config
 from benchmark.data import DataInfo, ModalitySpec, MultimodalData, TensorSplit, create_dataset
 from benchmark.device import pick_device, seed_everything, set_determinism
 from benchmark.method import build_method, create_method, make_optimizer
-from benchmark.registry import list_methods
+from benchmark.registry import METHODS, list_methods
 from benchmark.trainer import Trainer
 
-# Per-method options for timing: MCR from scratch (its unimodal initialisation is a separate,
-# shared phase), UDI in both controller modes.
-VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "udi": [("udi (dynamic)", {"method.controller": "dynamic"}),
-            ("udi (static)", {"method.controller": "static"})],
-}
-# Bounds of the step-time ratio to joint (None: no bound), as the suite's targets.
-BOUNDS = {"ogm_ge": 1.15, "ogm": 1.15, "mla": 1.25, "mcr": 1.5}
-UDI_BOUND = 1.5  # follower step / unimodal step of the same modality
-FLOOR_BOUND = 0.95  # joint throughput / floor throughput
+# What each method declares for timing (benchmark.method.Method): the configurations timed
+# (perf_variants), the bound of its step time as a ratio to the reference method's (perf_bound)
+# and, for a method that trains one modality at a time, to a single-modality model's
+# (perf_bound_vs_single). The reference method's own target is against the hand-written floor.
+FLOOR_BOUND = 0.95  # reference throughput / floor throughput
+SINGLE = "single-modality (last modality)"  # the row of the single-modality method's step
+
+
+def reference() -> str:
+    return next(name for name in list_methods() if METHODS.get(name).fact("reference"))
+
+
+def single_modality() -> str | None:
+    return next((name for name in list_methods() if METHODS.get(name).fact("single_modality")), None)
+
+
+SETTINGS = ("small", "resnet", "crema-d")
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Setting:
     name: str
     data: MultimodalData
     batch_size: int
+    key: str = ""  # its name in --settings (a fresh process rebuilds it from this for the memory probe)
 
 
 def shaped_data(audio: tuple[int, ...], visual: tuple[int, ...], n_train: int, classes: int = 6) -> MultimodalData:
@@ -69,13 +77,16 @@ def shaped_data(audio: tuple[int, ...], visual: tuple[int, ...], n_train: int, c
 def settings(device: torch.device, which: list[str]) -> list[Setting]:
     out = []
     if "small" in which:
-        out.append(Setting("small (synthetic, MLP)", create_dataset("synthetic", {}), 64))
+        out.append(Setting("small (synthetic, MLP)", create_dataset("synthetic", {}), 64, "small"))
     if "resnet" in which:
         if device.type == "cuda":  # CREMA-D's full sizes: audio 1×257×188, 3 frames of 224×224
-            out.append(Setting("resnet18 (CREMA-D shape)", shaped_data((1, 257, 188), (3, 3, 224, 224), 1024), 64))
+            out.append(Setting("resnet18 (CREMA-D shape)", shaped_data((1, 257, 188), (3, 3, 224, 224), 1024), 64, "resnet"))
         else:  # reduced on the CPU
             out.append(Setting("resnet18 (CREMA-D shape, reduced: 1×64×48, 1×3×48×48)",
-                               shaped_data((1, 64, 48), (1, 3, 48, 48), 128), 16))
+                               shaped_data((1, 64, 48), (1, 3, 48, 48), 128), 16, "resnet"))
+    if "crema-d" in which:  # the comparison set's step-time targets: CREMA-D's audio, one 112-pixel frame
+        out.append(Setting("resnet18 (CREMA-D audio 1×257×188, one 112-pixel frame, B = 16)",
+                           shaped_data((1, 257, 188), (1, 3, 112, 112), 64), 16, "crema-d"))
     return out
 
 
@@ -106,10 +117,10 @@ def time_method(setting: Setting, method: str, overrides: dict[str, Any], epochs
 
 
 def time_floor(setting: Setting, epochs: int, device: torch.device) -> float:
-    """Median epoch seconds of the minimal loop over joint's model."""
-    cfg = _config(setting, "joint", {}, epochs, str(device))
+    """Median epoch seconds of the minimal loop over the reference method's model."""
+    cfg = _config(setting, reference(), {}, epochs, str(device))
     seed_everything(cfg.seed)
-    method = create_method("joint", setting.data.info, cfg)
+    method = create_method(reference(), setting.data.info, cfg)
     model = build_method(method).to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -154,22 +165,24 @@ def follower_stage(times: dict[str, float]) -> str | None:
 
 
 def measure(setting: Setting, device: torch.device, methods: list[str], repeats: int, epochs: int) -> list[dict[str, Any]]:
-    variants = [(label, name, over) for name in methods for label, over in VARIANTS.get(name, [(name, {})])]
     info = setting.data.info
-    follower = info.modality_names[-1]  # UDI's follower on these data when the anchor is forced first
-    anchor_first = {"method.anchor": info.modality_names[0]}
+    variants = [(label, name, over) for name in methods
+                for label, over in METHODS.get(name).perf_variants(info.modality_names)]
+    last = info.modality_names[-1]  # the modality a one-modality-at-a-time method trains last
+    single = single_modality()
     samples: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
-    samples["floor"], samples["unimodal (follower)"] = [], []
+    samples["floor"] = []
+    if single:
+        samples[SINGLE] = []
     with tempfile.TemporaryDirectory() as cache:
         for r in range(repeats):
             order = variants if r % 2 == 0 else variants[::-1]
             samples["floor"].append({"floor": time_floor(setting, epochs, device)})
-            samples["unimodal (follower)"].append(time_method(
-                setting, "unimodal", {"method.modality": follower}, epochs, device, None))
+            if single:
+                samples[SINGLE].append(time_method(setting, single, {"method.modality": last}, epochs, device, None))
             for label, name, over in order:
-                over = dict(over, **anchor_first) if name == "udi" else over
-                # a shared cache: phases shared between methods (MCR's and UDI's unimodal
-                # training) run once, and the method's own stage is what is timed
+                # a shared cache: phases shared between methods (unimodal training that some
+                # methods start from) run once, and the method's own stage is what is timed
                 samples[label].append(time_method(setting, name, over, epochs, device, cache))
     n_train = len(setting.data.splits["train"])
     steps = -(-n_train // setting.batch_size)
@@ -181,12 +194,16 @@ def measure(setting: Setting, device: torch.device, methods: list[str], repeats:
                      "step_ms": 1000 * epoch_s / steps,
                      "data_wait": statistics.median(run.get("data_wait_fraction", 0.0) for run in runs)})
     by = {row["method"]: row for row in rows}
+    methods_of = {label: name for label, name, _ in variants}
+    ref = reference()
     for row in rows:
         row["throughput_vs_floor"] = row["samples_per_s"] / by["floor"]["samples_per_s"]
-        if "joint" in by:
-            row["step_vs_joint"] = row["step_ms"] / by["joint"]["step_ms"]
-        if row["method"].startswith("udi"):
-            row["step_vs_unimodal_follower"] = row["step_ms"] / by["unimodal (follower)"]["step_ms"]
+        name = methods_of.get(row["method"])
+        row["name"] = name or row["method"]
+        if ref in by:
+            row["step_vs_reference"] = row["step_ms"] / by[ref]["step_ms"]
+        if name and METHODS.get(name).fact("perf_bound_vs_single") is not None and SINGLE in by:
+            row["step_vs_single"] = row["step_ms"] / by[SINGLE]["step_ms"]
     return rows
 
 
@@ -213,7 +230,8 @@ def _memory_probe(which: str, method: str, device_name: str) -> float:
     device = pick_device(device_name)
     torch.set_num_threads(1)
     (setting,) = settings(device, [which])
-    label_opts = dict(VARIANTS.get(method, [(method, {})])[0][1])
+    label_opts = dict(METHODS.get(method).perf_variants(setting.data.info.modality_names)[0][1]) \
+        if method in METHODS.names() else {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -231,36 +249,40 @@ def _memory_probe(which: str, method: str, device_name: str) -> float:
 
 def format_table(title: str, rows: list[dict[str, Any]], device: str) -> str:
     lines = [f"### {title}", "", f"device: {device}", "",
-             "| method | samples/s | step ms | × floor throughput | step × joint | step × unimodal follower "
+             f"| method | samples/s | step ms | × floor throughput | step × {reference()} | step × single-modality "
              "| data wait | peak MB |", "|---|---|---|---|---|---|---|---|"]
     def fmt(row: dict[str, Any], key: str, spec: str = ".2f") -> str:
         return format(row[key], spec) if key in row else ""
 
     for row in rows:
         lines.append(f"| {row['method']} | {row['samples_per_s']:.0f} | {row['step_ms']:.2f} | "
-                     f"{fmt(row, 'throughput_vs_floor')} | {fmt(row, 'step_vs_joint')} | "
-                     f"{fmt(row, 'step_vs_unimodal_follower')} | {100 * row['data_wait']:.1f}% | "
+                     f"{fmt(row, 'throughput_vs_floor')} | {fmt(row, 'step_vs_reference')} | "
+                     f"{fmt(row, 'step_vs_single')} | {100 * row['data_wait']:.1f}% | "
                      f"{fmt(row, 'peak_mb', '.0f')} |")
     return "\n".join(lines)
 
 
 def check_bounds(rows: list[dict[str, Any]]) -> list[str]:
-    by = {row["method"]: row for row in rows}
+    ref = reference()
     verdicts = []
-    if "joint" in by:
-        value = by["joint"]["throughput_vs_floor"]
-        verdicts.append(f"joint throughput / floor = {value:.3f} (target >= {FLOOR_BOUND}): "
-                        f"{'met' if value >= FLOOR_BOUND else 'MISSED'}")
-    for name, bound in BOUNDS.items():
-        if name in by:
-            value = by[name]["step_vs_joint"]
-            verdicts.append(f"{name} step / joint step = {value:.3f} (target <= {bound}): "
+    for row in rows:
+        label, name = row["method"], row.get("name", row["method"])
+        if name == ref:
+            value = row["throughput_vs_floor"]
+            verdicts.append(f"{label} throughput / floor = {value:.3f} (target >= {FLOOR_BOUND}): "
+                            f"{'met' if value >= FLOOR_BOUND else 'MISSED'}")
+        if name not in METHODS.names():
+            continue
+        bound = METHODS.get(name).fact("perf_bound")
+        if bound is not None and "step_vs_reference" in row:
+            value = row["step_vs_reference"]
+            verdicts.append(f"{label} step / {ref} step = {value:.3f} (target <= {bound}): "
                             f"{'met' if value <= bound else 'MISSED'}")
-    for label in ("udi (dynamic)", "udi (static)"):
-        if label in by:
-            value = by[label]["step_vs_unimodal_follower"]
-            verdicts.append(f"{label} follower step / unimodal step = {value:.3f} (target <= {UDI_BOUND}): "
-                            f"{'met' if value <= UDI_BOUND else 'MISSED'}")
+        bound = METHODS.get(name).fact("perf_bound_vs_single")
+        if bound is not None and "step_vs_single" in row:
+            value = row["step_vs_single"]
+            verdicts.append(f"{label} last stage's step / single-modality step = {value:.3f} (target <= {bound}): "
+                            f"{'met' if value <= bound else 'MISSED'}")
     return verdicts
 
 
@@ -268,20 +290,21 @@ OFFLINE_DATASETS = ("synthetic", "cg-digits", "av-digits")
 
 
 def data_wait(device: torch.device, epochs: int) -> list[str]:
-    """Share of each training epoch the loop spends waiting for batches, ``joint`` on each
-    offline dataset (first epoch dropped)."""
+    """Share of each training epoch the loop spends waiting for batches, the reference method on
+    each offline dataset (first epoch dropped)."""
     lines = []
+    ref = reference()
     for name in OFFLINE_DATASETS:
         data = create_dataset(name, {})
         setting = Setting(name, data, 64)
-        cfg = _config(setting, "joint", {}, epochs, str(device))
+        cfg = _config(setting, ref, {}, epochs, str(device))
         trainer = Trainer(cfg, data, device)
-        method = create_method("joint", data.info, cfg)
+        method = create_method(ref, data.info, cfg)
         build_method(method)
         method.run(trainer)
         rows = trainer.history[1:] or trainer.history
         share = sum(r["data_wait_seconds"] for r in rows) / sum(r["epoch_seconds"] for r in rows)
-        lines.append(f"data wait, joint on {name}: {100 * share:.2f}% of the training epoch "
+        lines.append(f"data wait, {ref} on {name}: {100 * share:.2f}% of the training epoch "
                      f"(target < 5%): {'met' if share < 0.05 else 'MISSED'}")
     return lines
 
@@ -293,13 +316,13 @@ def perf_command(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     which = [s.strip() for s in args.settings.split(",") if s.strip()]
-    if not which or any(s not in ("small", "resnet") for s in which):
-        raise UsageError(f"--settings takes small and/or resnet, got {args.settings!r}")
+    if not which or any(s not in SETTINGS for s in which):
+        raise UsageError(f"--settings takes {', '.join(SETTINGS)} (comma-separated), got {args.settings!r}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list_methods()
     for name in methods:
         METHODS.get(name)
-    if "joint" not in methods:
-        methods.insert(0, "joint")
+    if reference() not in methods:
+        methods.insert(0, reference())
     if args.repeats < 1 or args.epochs < 2:
         raise UsageError("--repeats must be >= 1 and --epochs >= 2 (the first epoch is warm-up)")
     out = Path(args.out)
@@ -317,10 +340,12 @@ def perf_command(args: argparse.Namespace) -> int:
         print(f"measuring {setting.name} ...", file=sys.stderr, flush=True)
         rows = measure(setting, device, methods, args.repeats, args.epochs)
         if not args.no_memory:
-            key = "small" if setting.name.startswith("small") else "resnet"
+            key = setting.key
             for row in rows:
-                name = row["method"].split(" ")[0]
-                if name in ("unimodal", "floor") or name in methods:
+                name = row.get("name", row["method"])
+                if name == SINGLE:
+                    row["peak_mb"] = peak_memory(key, single_modality() or "", str(device))
+                elif name == "floor" or name in methods:
                     row["peak_mb"] = peak_memory(key, name, str(device))
         table = format_table(setting.name, rows, device_name)
         verdicts = check_bounds(rows)

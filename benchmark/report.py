@@ -5,14 +5,14 @@ Reads a sweep store or any folder of ``run --out`` records. One table row per co
 left out unless asked for), labelled by the options in which it differs from the method's defaults
 or the table's shared settings. Per dataset: mean ± sd over seeds, Student-t 95% confidence interval and number of seeds
 of test accuracy and macro-F1; per-modality linear-probe accuracy, the probe gap and each probe
-against the same encoder trained alone (``unimodal`` rows); the paired difference to a baseline
-row (``--baseline``, default ``joint``) over the seeds both have, with its 95% interval, the
+against the same encoder trained alone (the single-modality method's rows); the paired difference
+to a baseline row (``--baseline``, default the reference method) over the seeds both have, with its 95% interval, the
 paired t-test p-value and Holm's adjustment across the rows of the table; rows whose runs were
 still improving at the end of their budget are marked. As Markdown, CSV and LaTeX, plus a
 one-row-per-run export (CSV and Parquet) of every record with its resolved options as columns.
 Figures (PNG and PDF): accuracy by row (dot and interval), per-modality probes (zero-based bars),
-UDI static vs dynamic weights and anchor sensitivity (dot and interval), UDI controller weights
-over epochs, learning curves. Where a dataset has published figures (METHODS.md), they are printed
+learning curves, and each method's own (its report module, benchmark.method_facts: UDI's weight
+and anchor ablations and controller trace). Where a dataset has published figures (METHODS.md), they are printed
 beside ours. README.md's results section (between ``<!-- results:begin -->`` and
 ``<!-- results:end -->``) is rewritten only with ``--readme`` or when the store is the
 repository's own ``results/``.
@@ -29,38 +29,24 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from benchmark import report_data
+from benchmark import method_facts, report_data
 from benchmark.errors import UsageError
 from benchmark.files import check_parent, check_writable_dir, os_error_line
-from benchmark.report_args import BASELINE, DESCRIPTION, add_arguments
+from benchmark.report_args import DESCRIPTION, add_arguments
 from benchmark.report_diagnostics import cost_section, diagnostics_section
+from benchmark.report_plot import FIGURE_FORMATS, dot_interval
 from benchmark.report_stats import CI_KIND, holm, paired_gap, paired_interval, t_interval
 from benchmark.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Table order; methods not listed come after, by name.
-METHOD_ORDER = ("joint", "multi_loss", "unimodal", "ensemble", "ogm", "ogm_ge", "mla", "mcr", "udi")
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 COMMAND = "python -m benchmark report"
 
-# Published accuracies (%) to print beside ours (METHODS.md, "Published figures"): per dataset,
-# per source, method → (mean, std or None).
-PUBLISHED: dict[str, dict[str, dict[str, tuple[float, float | None]]]] = {
-    "crema-d": {
-        "MCR reruns (3 folds, val-selected)": {
-            "joint": (62.6, 5.8), "ogm_ge": (65.6, 3.8), "ensemble": (71.7, 2.2), "mcr": (76.1, 1.6)},
-        "BalanceBenchmark (1 run, test-selected)": {
-            "joint": (65.50, None), "ogm": (67.76, None), "mla": (72.30, None), "MMPareto": (79.97, None)},
-        "UDI paper": {"udi": (83.19, None)},
-    },
-    "cgmnist": {"UDI paper": {"udi": (99.11, None)}},
-}
 PUBLISHED_NOTE = ("CREMA-D numbers move by up to 10 points with preprocessing and optimiser: compare "
-                  "each source's gap to its own joint baseline with ours.")
+                  "each source's gap to its own baseline with ours.")
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -117,8 +103,7 @@ def _labels(records: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _order_key(label: str, method: str) -> tuple[int, str]:
-    idx = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return idx, label
+    return method_facts.order_key(method)[0], label
 
 
 def _modalities(df: pd.DataFrame, prefix: str) -> list[str]:
@@ -135,14 +120,16 @@ def baseline_label(table_labels: list[str], methods: list[str], baseline: str) -
     return rows[0] if len(rows) == 1 else None
 
 
-def dataset_table(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+def dataset_table(df: pd.DataFrame, baseline: str = "") -> pd.DataFrame:
     """Numeric summary of one dataset's records: one row per configuration (label)."""
+    baseline = baseline or method_facts.reference_method()
     probes = _modalities(df, "probe:")
     firsts = df.drop_duplicates("label")
     base_label = baseline_label(list(firsts["label"]), list(firsts["method"]), baseline)
     base = (df[df["label"] == base_label].groupby("seed")["accuracy"].mean() if base_label
             else pd.Series(dtype=float))
-    alone = df[df["method"] == "unimodal"]  # each encoder trained alone: the probe it can reach
+    single = df["method"].map(method_facts.is_single_modality).astype(bool)
+    alone = df[single]  # each encoder trained alone: the probe it can reach
     alone_probe = {m: alone[f"probe:{m}"].dropna().mean() * 100 for m in probes}
     rows = []
     for label, group in df.groupby("label", sort=False):
@@ -164,7 +151,8 @@ def dataset_table(df: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
                 probe_means.append(row[f"probe_{mod}_mean"])
         row["probe_gap"] = max(probe_means) - min(probe_means) if len(probe_means) > 1 else math.nan
         for mod in probes:  # how far each encoder falls short of the same encoder trained alone
-            row[f"shortfall_{mod}"] = alone_probe[mod] - row[f"probe_{mod}_mean"] if method != "unimodal" else math.nan
+            row[f"shortfall_{mod}"] = (alone_probe[mod] - row[f"probe_{mod}_mean"]
+                                       if not method_facts.is_single_modality(method) else math.nan)
         if label == base_label or base.empty:
             row.update(delta=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan, p_value=math.nan, pairs=0)
         else:
@@ -208,7 +196,7 @@ def _converged(row: Any) -> str:
 
 def display_table(table: pd.DataFrame, probes: list[str]) -> pd.DataFrame:
     """The table as text cells (percent, one decimal); rows still improving are marked †."""
-    base = next((b for b in table.get("baseline", []) if b), "") or BASELINE
+    base = next((b for b in table.get("baseline", []) if b), "") or method_facts.reference_method()
     out = pd.DataFrame({"method": [lab + (" †" if n else "") for lab, n in zip(table["label"], table["still_improving"])],
                         "seeds": table["runs"].astype(str)})
     out["accuracy %"] = [_pm(m, s) for m, s in zip(table["accuracy_mean"], table["accuracy_std"])]
@@ -262,74 +250,39 @@ def latex(df: pd.DataFrame, caption: str, label: str = "") -> str:
 
 def published_table(dataset: str, table: pd.DataFrame) -> pd.DataFrame | None:
     """Ours beside the published figures for ``dataset`` (None if it has none): accuracy and the
-    gap to each source's own joint baseline."""
-    sources = PUBLISHED.get(dataset)
+    gap to each source's own baseline (the reference method's figure)."""
+    sources = method_facts.published().get(dataset)
     if not sources:
         return None
     ours = {row.label: (row.accuracy_mean, row.accuracy_std) for row in table.itertuples()}
-    names = [m for m in METHOD_ORDER if any(m in s for s in sources.values()) or m in ours]
-    names += sorted({m for s in sources.values() for m in s} - set(names))
+    base_name = method_facts.reference_method()
+    names = sorted({m for s in sources.values() for m in s} | {m for m in ours if m in method_facts.known_methods()},
+                   key=method_facts.order_key)
     rows = []
     for name in names:
         mean, std = ours.get(name, (math.nan, math.nan))
-        base = ours.get(BASELINE, (math.nan, math.nan))[0]
+        base = ours.get(base_name, (math.nan, math.nan))[0]
         row = {"method": name, "ours %": _pm(mean, std),
-               "ours Δ joint": _signed(mean - base) if name != BASELINE else "—"}
+               f"ours Δ {base_name}": _signed(mean - base) if name != base_name else "—"}
         for source, figures in sources.items():
             if name in figures:
                 pm, ps = figures[name]
-                pb = figures.get(BASELINE, (math.nan, None))[0]
+                pb = figures.get(base_name, (math.nan, None))[0]
                 row[source] = _pm(pm, ps if ps is not None else math.nan)
-                row[f"{source} Δ joint"] = _signed(pm - pb) if name != BASELINE else "—"
+                row[f"{source} Δ {base_name}"] = _signed(pm - pb) if name != base_name else "—"
             else:
-                row[source] = row[f"{source} Δ joint"] = ""
+                row[source] = row[f"{source} Δ {base_name}"] = ""
         if any(v not in ("", "—") for k, v in row.items() if k != "method"):
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 # --- figures --------------------------------------------------------------------------------------
-def _udi_frame(df: pd.DataFrame) -> pd.DataFrame:
-    udi = df[df["method"] == "udi"].copy()
-    if udi.empty:
-        return udi
-    opts = udi["method_options"]
-    udi["anchor"] = [o.get("anchor", "?") for o in opts]
-    udi["controller"] = [o.get("controller", "?") for o in opts]
-    udi["weights"] = [
-        "dynamic" if o.get("controller") == "dynamic"
-        else f"static ({o.get('lambda_con', '?'):g}, {o.get('lambda_com', '?'):g})"
-        if isinstance(o.get("lambda_con"), (int, float)) else "static"
-        for o in opts]
-    return udi
-
-
-FIGURE_FORMATS = ("png", "pdf")
-
-
-def _dot_interval(ax: Any, groups: list[tuple[str, np.ndarray]], horizontal: bool, color: str) -> None:
-    """Each group's seeds (small dots), mean (large dot) and Student-t 95% interval (bar)."""
-    for i, (_, values) in enumerate(groups):
-        mean = float(np.mean(values))
-        lo, hi = t_interval(values)
-        err = None if lo != lo else [[mean - lo], [hi - mean]]
-        pos = np.full(len(values), i, dtype=float)
-        if horizontal:
-            ax.scatter(values, pos, s=9, color="black", alpha=0.6, zorder=3)
-            ax.errorbar(mean, i, xerr=err, fmt="o", color=color, ms=6, capsize=3, zorder=2)
-        else:
-            ax.scatter(pos, values, s=9, color="black", alpha=0.6, zorder=3)
-            ax.errorbar(i, mean, yerr=err, fmt="o", color=color, ms=6, capsize=3, zorder=2)
-    names = [name for name, _ in groups]
-    if horizontal:
-        ax.set_yticks(range(len(names)), names)
-        ax.set_ylim(len(names) - 0.5, -0.5)
-    else:
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-
-
-def make_figures(dataset: str, df: pd.DataFrame, out: Path, baseline: str = BASELINE) -> list[Path]:
-    """The dataset's figures, each as PNG and PDF; returns every file written."""
+def make_figures(dataset: str, df: pd.DataFrame, out: Path, baseline: str = "") -> list[Path]:
+    """The dataset's figures, each as PNG and PDF; returns every file written. A method's report
+    module (benchmark.method_facts) may add its own through ``dataset_figures(dataset, df, save)``,
+    ``save(fig, name)`` writing ``<dataset>-<name>.png/.pdf``."""
+    baseline = baseline or method_facts.reference_method()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,7 +304,7 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path, baseline: str = BASE
     height = 0.32 * len(labels) + 1.2
     fig, ax = plt.subplots(figsize=(7, height))
     groups = [(lab, df[df["label"] == lab].groupby("seed")["accuracy"].mean().to_numpy() * 100) for lab in labels]
-    _dot_interval(ax, groups, horizontal=True, color="#2f6db3")
+    dot_interval(ax, groups, horizontal=True, color="#2f6db3")
     firsts = df.drop_duplicates("label")
     base_label = baseline_label(list(firsts["label"]), list(firsts["method"]), baseline)
     if base_label:
@@ -376,30 +329,9 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path, baseline: str = BASE
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title="modality")
         save(fig, "probes")
 
-    udi = _udi_frame(df)
-    if not udi.empty:
-        ablations = (
-            (udi[udi["anchor"] == "auto"], "weights", "dynamic", (6, 3.2), "#3c8d3c", "(λ_con, λ_com)",
-             "UDI static vs dynamic weights", "udi-static-vs-dynamic"),
-            (udi[udi["controller"] == "dynamic"], "anchor", "auto", (5, 3.2), "#b36b2f", "anchor",
-             "UDI anchor sensitivity", "udi-anchor"),
-        )
-        for frame, column, first, size, color, xlabel, title, name in ablations:
-            if frame[column].nunique() > 1:
-                fig, ax = plt.subplots(figsize=size)
-                order = [first] + sorted(v for v in frame[column].unique() if v != first)
-                groups = [(v, frame[frame[column] == v].groupby("seed")["accuracy"].mean().to_numpy() * 100)
-                          for v in order if (frame[column] == v).any()]
-                _dot_interval(ax, groups, horizontal=False, color=color)
-                ax.set(xlabel=xlabel, ylabel=f"test accuracy % ({CI_KIND})", title=f"{dataset}: {title}")
-                save(fig, name)
-        trace = _controller_trace(udi[(udi["controller"] == "dynamic") & (udi["anchor"] == "auto")])
-        if not trace.empty:
-            fig, ax = plt.subplots(figsize=(6, 3.2))
-            sns.lineplot(trace, x="epoch", y="weight", hue="term", style="follower", errorbar="sd", ax=ax)
-            ax.set(ylabel="controller weight", ylim=(-0.05, 1.05),
-                   title=f"{dataset}: UDI dynamic controller (mean ± sd over seeds)")
-            save(fig, "udi-weights")
+    for module in method_facts.report_modules().values():  # a method's own figures (UDI's ablations)
+        if hasattr(module, "dataset_figures"):
+            module.dataset_figures(dataset, df, save)
 
     curves = _learning_curves(df)
     if not curves.empty:
@@ -412,25 +344,13 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path, baseline: str = BASE
     return written
 
 
-def _controller_trace(udi: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for rec in udi.itertuples():
-        for h in rec.history:
-            if "lambda_con" in h and "lambda_com" in h:
-                follower = h.get("udi_follower", h.get("stage", ""))
-                for term in ("lambda_con", "lambda_com"):
-                    rows.append({"epoch": h["epoch"], "weight": h[term], "term": term.replace("lambda_", "λ_"),
-                                 "follower": str(follower), "seed": rec.seed})
-    return pd.DataFrame(rows)
-
-
 def _learning_curves(df: pd.DataFrame) -> pd.DataFrame:
     """Validation accuracy per epoch of each record's last stage; one label per method (its default
     variant where it has one, else its first)."""
     keep = {}
     for label in sorted(df["label"].unique(), key=lambda lab: _order_key(lab, df[df["label"] == lab]["method"].iloc[0])):
         method = df[df["label"] == label]["method"].iloc[0]
-        if label in (method, f"{method} anchor=auto"):  # the method's default variant first
+        if label == method:  # the method's default variant (a label names what differs from it)
             keep[method] = label
         keep.setdefault(method, label)
     rows = []
@@ -439,7 +359,7 @@ def _learning_curves(df: pd.DataFrame) -> pd.DataFrame:
         if not history:
             continue
         last = history[-1].get("stage")
-        if rec.method != "unimodal" and str(last).startswith("unimodal:"):
+        if not method_facts.is_single_modality(rec.method) and str(last).startswith("unimodal:"):
             continue  # no stage of its own (the ensemble combines unimodal models)
         for h in history:
             if h.get("stage") == last:
@@ -478,9 +398,11 @@ def _check_readme(readme: Path) -> None:
 
 
 def write_report(store_dir: Path, out: Path | None = None, readme: Path | None = None, figures: bool = True,
-                 baseline: str = BASELINE, smoke: bool | None = None) -> list[Path]:
+                 baseline: str = "", smoke: bool | None = None) -> list[Path]:
     """Write every table and figure of the records under ``store_dir`` into ``out`` (default: a
-    ``reports/`` folder beside the store); rewrite ``readme``'s results section when given."""
+    ``reports/`` folder beside the store); rewrite ``readme``'s results section when given.
+    ``baseline``: the row the others are compared with (default: the reference method)."""
+    baseline = baseline or method_facts.reference_method()
     # PDFs carry no creation time, so the same records give the same files, byte for byte
     os.environ.setdefault("SOURCE_DATE_EPOCH", "0")
     store = Store(store_dir)
@@ -552,7 +474,7 @@ def write_report(store_dir: Path, out: Path | None = None, readme: Path | None =
             written += paths
             md += [f"![{p.stem}](figures/{p.name}) ([PDF](figures/{p.with_suffix('.pdf').name}))\n"
                    for p in paths if p.suffix == ".png"]
-        section, paths = diagnostics_section(labelled, dataset, out, figures=figures, order=METHOD_ORDER)
+        section, paths = diagnostics_section(labelled, dataset, out, figures=figures)
         md += [section] if section else []
         written += paths
         text = "\n".join(md)
@@ -562,13 +484,17 @@ def write_report(store_dir: Path, out: Path | None = None, readme: Path | None =
         _write(out / f"{dataset}.csv", csv.to_csv(index=False, float_format="%.4f"), written)
         all_rows.append(csv)
         summary_md.append(text)
-    from udi.report import udi_section  # UDI's ablation tables (paper Tables 2-4) and its controller
-
-    udi_md, udi_figures = udi_section(df, out / "figures" if figures else None)
-    if udi_md:
-        written += udi_figures
-        _write(out / "udi.md", f"# UDI ablations\n\nGenerated by `{COMMAND}`.\n\n" + udi_md.split("\n", 1)[1], written)
-        summary_md.append(udi_md)
+    for method, module in method_facts.report_modules().items():
+        # a method's own section (UDI: its ablations as the paper's Tables 2-4), in <method>.md
+        if not hasattr(module, "report_section"):
+            continue
+        section_md, section_figures = module.report_section(df, out / "figures" if figures else None)
+        if section_md:
+            written += section_figures
+            title, body = section_md.split("\n", 1)
+            _write(out / f"{method}.md", f"# {title.lstrip('#').strip()}\n\nGenerated by `{COMMAND}`.\n\n{body}",
+                   written)
+            summary_md.append(section_md)
     cost = cost_section(labelled)
     if cost:
         summary_md.append(cost)
@@ -631,14 +557,14 @@ def readme_section(tables: dict[str, pd.DataFrame], df: pd.DataFrame, store_dir:
     datasets = list(tables)
     rows: dict[str, dict[str, str]] = {}
     order: list[tuple[tuple[int, str], str]] = []
-    base = BASELINE
+    base = method_facts.reference_method()
     for dataset, table in tables.items():
         base = next((b for b in table["baseline"] if b), base)
         per_method = table["method"].value_counts()
         for row in table.itertuples():
             mark = " †" if row.still_improving else ""
-            if row.method == "unimodal":
-                name = "unimodal (per modality)"
+            if method_facts.is_single_modality(row.method):
+                name = f"{row.method} (per modality)"
                 modality = row.label.split(" ", 1)[-1].removeprefix("modality=")
                 cell = f"{modality} {row.accuracy_mean:.1f}{mark}"
                 rows.setdefault(name, {})

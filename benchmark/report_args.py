@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-BASELINE = "joint"
-
 DESCRIPTION = ("Per dataset, one row per configuration: mean ± sd, Student-t 95% CI and seeds of accuracy and "
                "macro-F1, per-modality probe accuracies, the paired gap to a baseline row with Holm-adjusted "
                "p-values (Markdown, CSV, LaTeX), a one-row-per-run export (CSV, Parquet), and figures (PNG, PDF). "
@@ -21,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readme", default=None,
                    help="README whose results section is rewritten ('none': no README) [the repository's "
                         "README.md when the store is the repository's results/, else none]")
-    p.add_argument("--baseline", default=BASELINE,
-                   help=f"row (label, or a method with one row) the others are compared with [{BASELINE}]")
+    p.add_argument("--baseline", default="",
+                   help="row (label, or a method with one row) the others are compared with [the reference "
+                        "method: `python -m benchmark list` marks it]")
     p.add_argument("--smoke", action="store_true", help="report the smoke records (left out otherwise)")
     p.add_argument("--no-figures", action="store_true", help="tables only")

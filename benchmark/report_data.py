@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmark import method_facts
 from benchmark.config import RunConfig, config_hash
 from benchmark.convergence import record_still_improving
 from benchmark.store import RECORDS, check_record, read_record
@@ -138,8 +139,9 @@ def row_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
                 continue
             parts.append(f"{name.removeprefix('method.')}={_show(value)}")
         label = " ".join([row["method"], *parts]) + (" [smoke]" if row["options"].get("smoke") else "")
-        if _is_decoupled(row["options"]):  # the UDI paper's baseline, named as such in every table
-            label = f"Decoupled ({label})"
+        module = method_facts.report_modules().get(str(row["method"]))
+        if module is not None and hasattr(module, "row_label"):  # e.g. UDI's "Decoupled" baseline
+            label = module.row_label(row["options"], label)
         labels[row["key"]] = label
     seen: Counter[str] = Counter()
     for key, label in labels.items():  # never two rows under one label
@@ -150,14 +152,6 @@ def row_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 
 _MISSING = object()
-
-
-def _is_decoupled(options: dict[str, Any]) -> bool:
-    """UDI with static weights (0, 0) and followers from scratch: unimodal models trained apart and
-    fused at test time (the UDI paper's "Decoupled" baseline)."""
-    return (options.get("method") == "udi" and options.get("method.controller") == "static"
-            and options.get("method.lambda_con") == 0 and options.get("method.lambda_com") == 0
-            and options.get("method.follower_init", "scratch") == "scratch")
 
 
 def _same(a: Any, b: Any) -> bool:

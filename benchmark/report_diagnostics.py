@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from benchmark import method_facts
+
 
 def diagnostics_frame(records: Iterable[dict[str, Any]], dataset: str) -> pd.DataFrame:
     """One row per ok record of ``dataset`` that carries diagnostics."""
@@ -40,6 +42,8 @@ def _ordered(frame: pd.DataFrame, order: Sequence[str]) -> list[str]:
 
     def key(label: str) -> tuple[int, str]:
         method = methods[label]
+        if not order:  # the methods' declared table order
+            return method_facts.order_key(method)[0], label
         return (order.index(method) if method in order else len(order), label)
 
     return sorted(methods, key=key)

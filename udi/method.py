@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -334,6 +334,24 @@ class UDI(Method):
     summary = "UDI: frozen best unimodal anchor guides each follower (JS + CLUB, dynamic weights)"
     Options = UDIOptions
     min_modalities = 2
+    table_order = 50
+    # Its own tables and figures (anchor and weight ablations, the controller's trace): a module
+    # without torch, as the report runs without it.
+    report_module = "udi.report"
+    # a follower's step against a unimodal step of the same modality (nox -s perf)
+    perf_bound_vs_single = 1.5
+    published: ClassVar[dict[str, dict[str, tuple[float, float | None]]]] = {
+        "crema-d": {"UDI paper": (83.19, None)},
+        "cgmnist": {"UDI paper": (99.11, None)},
+    }
+
+    @classmethod
+    def perf_variants(cls, modalities: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        # both controller modes, the anchor forced to the first modality so that the follower
+        # timed is the last one
+        anchor = {"method.anchor": modalities[0]}
+        return [("udi (dynamic)", {"method.controller": "dynamic", **anchor}),
+                ("udi (static)", {"method.controller": "static", **anchor})]
 
     @staticmethod
     def search_space(trial: Any) -> dict[str, Any]:

@@ -22,10 +22,14 @@ published accuracies (Table 1, METHODS.md) stand beside ours where the dataset i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from benchmark.report_plot import dot_interval
+from benchmark.report_stats import CI_KIND
 
 # Options that must hold their default for a record to be a cell of Tables 2-4 (the defaults of
 # udi.method.UDIOptions; a test keeps the two in step).
@@ -301,3 +305,84 @@ def _order(names: Any) -> list[str]:
              "ucf101", "food-101", "cmu-mosei"]
     names = list(names)
     return [n for n in first if n in names] + sorted(n for n in names if n not in first)
+
+
+# --- figures per dataset (benchmark.report calls this through the method's report module) -----------
+def dataset_figures(dataset: str, df: pd.DataFrame, save: Callable[[Any, str], None]) -> None:
+    """UDI's figures on one dataset: static against dynamic weights, anchor sensitivity, and the
+    dynamic controller's weights per epoch; ``save(fig, name)`` writes each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    udi = _udi_frame(df)
+    if not udi.empty:
+        ablations = (
+            (udi[udi["anchor"] == "auto"], "weights", "dynamic", (6, 3.2), "#3c8d3c", "(λ_con, λ_com)",
+             "UDI static vs dynamic weights", "udi-static-vs-dynamic"),
+            (udi[udi["controller"] == "dynamic"], "anchor", "auto", (5, 3.2), "#b36b2f", "anchor",
+             "UDI anchor sensitivity", "udi-anchor"),
+        )
+        for frame, column, first, size, color, xlabel, title, name in ablations:
+            if frame[column].nunique() > 1:
+                fig, ax = plt.subplots(figsize=size)
+                order = [first] + sorted(v for v in frame[column].unique() if v != first)
+                groups = [(v, frame[frame[column] == v].groupby("seed")["accuracy"].mean().to_numpy() * 100)
+                          for v in order if (frame[column] == v).any()]
+                dot_interval(ax, groups, horizontal=False, color=color)
+                ax.set(xlabel=xlabel, ylabel=f"test accuracy % ({CI_KIND})", title=f"{dataset}: {title}")
+                save(fig, name)
+        trace = _controller_trace(udi[(udi["controller"] == "dynamic") & (udi["anchor"] == "auto")])
+        if not trace.empty:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            sns.lineplot(trace, x="epoch", y="weight", hue="term", style="follower", errorbar="sd", ax=ax)
+            ax.set(ylabel="controller weight", ylim=(-0.05, 1.05),
+                   title=f"{dataset}: UDI dynamic controller (mean ± sd over seeds)")
+            save(fig, "udi-weights")
+
+
+def _udi_frame(df: pd.DataFrame) -> pd.DataFrame:
+    udi = df[df["method"] == "udi"].copy()
+    if udi.empty:
+        return udi
+    opts = udi["method_options"]
+    udi["anchor"] = [o.get("anchor", "?") for o in opts]
+    udi["controller"] = [o.get("controller", "?") for o in opts]
+    udi["weights"] = [
+        "dynamic" if o.get("controller") == "dynamic"
+        else f"static ({o.get('lambda_con', '?'):g}, {o.get('lambda_com', '?'):g})"
+        if isinstance(o.get("lambda_con"), (int, float)) else "static"
+        for o in opts]
+    return udi
+
+
+def _controller_trace(udi: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for rec in udi.itertuples():
+        for h in rec.history:
+            if "lambda_con" in h and "lambda_com" in h:
+                follower = h.get("udi_follower", h.get("stage", ""))
+                for term in ("lambda_con", "lambda_com"):
+                    rows.append({"epoch": h["epoch"], "weight": h[term], "term": term.replace("lambda_", "λ_"),
+                                 "follower": str(follower), "seed": rec.seed})
+    return pd.DataFrame(rows)
+
+
+# --- labels and the section (benchmark.report calls these through the method's report module) -------
+def row_label(options: dict[str, Any], label: str) -> str:
+    """A table row's label: the paper's "Decoupled" baseline is named as such in every table."""
+    return f"Decoupled ({label})" if _is_decoupled(options) else label
+
+
+def report_section(frame: pd.DataFrame, figures: Path | None = None) -> tuple[str, list[Path]]:
+    return udi_section(frame, figures)
+
+
+def _is_decoupled(options: dict[str, Any]) -> bool:
+    """UDI with static weights (0, 0) and followers from scratch: unimodal models trained apart and
+    fused at test time (the UDI paper's "Decoupled" baseline)."""
+    return (options.get("method") == "udi" and options.get("method.controller") == "static"
+            and options.get("method.lambda_con") == 0 and options.get("method.lambda_com") == 0
+            and options.get("method.follower_init", "scratch") == "scratch")
