@@ -28,7 +28,6 @@ from benchmark.errors import UsageError
 if TYPE_CHECKING:
     from benchmark.data import MultimodalData
     from benchmark.method import Method
-    from benchmark.runner import PreparedRun
 
 FORMAT = 1
 KIND = "balanced-mm-bench checkpoint"
@@ -44,13 +43,15 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def save_checkpoint(path: Path, run: PreparedRun, record: dict[str, Any], record_file: Path) -> None:
-    method = run.method
+def save_checkpoint(path: Path, method: Method, resolved: dict[str, Any], record: dict[str, Any],
+                    record_file: Path) -> None:
+    """The trained ``method``'s model with its run's resolved configuration, beside ``record_file``."""
+    cfg = method.cfg
     metrics = record.get("metrics") or {}
     payload = {
         "format": FORMAT, "kind": KIND, "key": record.get("key"), "record": record_file.name,
-        "method": run.cfg.method, "dataset": run.cfg.dataset, "seed": run.cfg.seed,
-        "config": _plain(run.resolved), "method_state": _plain(method.checkpoint_state()),
+        "method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed,
+        "config": _plain(resolved), "method_state": _plain(method.checkpoint_state()),
         "metrics": {"accuracy": metrics.get("accuracy"), "val_accuracy": metrics.get("val_accuracy")},
         "state_dict": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in method.model.state_dict().items()},
     }

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -27,10 +27,20 @@ from benchmark.errors import UsageError
 from benchmark.models import create_encoder, create_fusion
 from benchmark.registry import METHODS
 
-if TYPE_CHECKING:
-    from benchmark.trainer import Trainer
-
 Batch = dict[str, torch.Tensor]
+
+
+class Loop(Protocol):
+    """What a method uses of the training loop (``benchmark.trainer.Trainer``; named here by what
+    it does, so that this module does not import the loop that imports it)."""
+
+    def fit(self, stage: Stage) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]: ...
 
 
 @dataclass
@@ -42,7 +52,7 @@ class NoOptions:
 class StepContext:
     """What a step may need from the loop: where it is, and the loop's backward/step helpers."""
 
-    trainer: Trainer
+    trainer: Loop
     stage: Stage
     epoch: int
     step: int  # index of the batch within the epoch
@@ -347,7 +357,7 @@ class Method:
     def on_epoch_start(self, ctx: StepContext) -> None:
         """Before the first batch of each epoch."""
 
-    def run(self, trainer: Trainer) -> dict[str, Any]:
+    def run(self, trainer: Loop) -> dict[str, Any]:
         """Train; returns method-specific facts for the result record (:meth:`record_facts`)."""
         trainer.fit(self.stage())
         return self.record_facts()

@@ -356,7 +356,7 @@ def execute_with_outputs(run: PreparedRun, path: Path, log: Callable[[str], None
             from benchmark.checkpoint import checkpoint_path, save_checkpoint
 
             ckpt = checkpoint_path(path)
-            save_checkpoint(ckpt, run, record, path)
+            save_checkpoint(ckpt, run.method, run.resolved, record, path)
             record["checkpoint"] = ckpt.name
         if tracker is not None:
             record["tracking"] = {"log": cfg.log, "folder": str(tracker_location(cfg.log, cfg.log_dir, path))}
