@@ -521,8 +521,11 @@ def _alive(pid: int) -> bool:
 def _tune(tmp_path: Path) -> subprocess.Popen:
     args = ["tune", "--method", "joint", "--trials", "200", "--jobs", "2", "--out", str(tmp_path / "tuned"),
             "--quiet", "--epochs", "3", "--set", "dataset.n_train=2000", "--set", "batch_size=32"]
+    # Ctrl-C restored to its default in the child: a shell starts background jobs with SIGINT
+    # ignored, and Python then never turns it into KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "benchmark", *args], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_trials(tmp_path: Path, proc: subprocess.Popen) -> list[int]:
