@@ -26,6 +26,7 @@ from benchmark.files import check_writable_dir, current_umask, os_error_line, wr
 from benchmark.method import EvalOutput, Method, build_method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
 from benchmark.models.encoders import encoder_factory
+from benchmark.record import Record, record_name
 from benchmark.trainer import Trainer
 
 # Options that change where or how fast a run goes, or what it leaves beside its record, never
@@ -275,40 +276,33 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
         trainer.log(f"diagnostics: test accuracy of every subset of the {len(run.data.info.modality_names)} "
                     "modalities (Shapley values, utilisation) and under Gaussian noise")
         metrics["diagnostics"] = diagnostics.evaluate(test_outputs)
-    return {
-        "schema": 1,
-        "status": "ok",
-        "key": run.key,
-        "method": cfg.method,
-        "dataset": cfg.dataset,
-        "seed": cfg.seed,
-        "config": run.resolved,
-        "defaults": defaults_of(run),
-        "metrics": metrics,
-        "method_record": facts,
-        "stages": {name: {k: v for k, v in vars(s).items() if k != "history"}
-                   for name, s in trainer.stages.items()},
-        "history": trainer.history,
-        "convergence": convergence(trainer, facts),
-        "convergence_rule": CONVERGENCE_RULE,
-        "smoke": False,
-        "environment": environment(run.device),
-        "device": str(run.device),
-        "git_commit": git_commit(),
-        "versions": package_versions(),
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return Record(
+        status="ok", key=run.key, method=cfg.method, dataset=cfg.dataset, seed=cfg.seed, config=run.resolved,
+        defaults=defaults_of(run), metrics=metrics, method_record=facts,
+        stages={name: {k: v for k, v in vars(s).items() if k != "history"} for name, s in trainer.stages.items()},
+        history=trainer.history, convergence=convergence(trainer, facts), convergence_rule=CONVERGENCE_RULE,
+        smoke=False, environment=environment(run.device), device=str(run.device), git_commit=git_commit(),
+        versions=package_versions(), started=started.isoformat(timespec="seconds"),
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ).to_json()
 
 
-def failed_record(run: PreparedRun, error: BaseException) -> dict[str, Any]:
-    return {
-        "schema": 1, "status": "failed", "key": run.key, "method": run.cfg.method,
-        "dataset": run.cfg.dataset, "seed": run.cfg.seed, "config": run.resolved,
-        "error": f"{type(error).__name__}: {error}", "git_commit": git_commit(),
-        "versions": package_versions(),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+def failed_record(run: PreparedRun | None, error: BaseException, cfg: RunConfig | None = None,
+                  assignments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of a run that failed: prepared (``run``), or refused before (``cfg`` or the raw
+    ``assignments``, whichever exists)."""
+    if run is not None:
+        key, method, dataset, seed, config = run.key, run.cfg.method, run.cfg.dataset, run.cfg.seed, run.resolved
+    else:
+        raw = assignments or {}
+        key = ""
+        method = cfg.method if cfg else str(raw.get("method", ""))
+        dataset = cfg.dataset if cfg else str(raw.get("dataset", ""))
+        seed = cfg.seed if cfg else int(raw.get("seed", 0))
+        config = cfg.to_dict() if cfg else dict(raw)
+    return Record(status="failed", key=key, method=method, dataset=dataset, seed=seed, config=config,
+                  error=f"{type(error).__name__}: {error}", git_commit=git_commit(), versions=package_versions(),
+                  finished=datetime.now(timezone.utc).isoformat(timespec="seconds")).to_json()
 
 
 def check_output_dir(out: str) -> Path:
@@ -328,7 +322,7 @@ def check_output_dir(out: str) -> Path:
 
 
 def record_path(out: Path, run: PreparedRun) -> Path:
-    return out / f"{run.cfg.method}-{run.cfg.dataset}-seed{run.cfg.seed}-{run.key}.json"
+    return out / record_name(run.cfg.method, run.cfg.dataset, run.cfg.seed, run.key)
 
 
 def run_and_record(run: PreparedRun, out: Path, log: Callable[[str], None] | None = None

@@ -2,7 +2,7 @@
 
 Layout of a store folder::
 
-    records/<dataset>/<method>-seed<seed>-<key>.json   one record per run (status ok or failed)
+    records/<dataset>/<method>-<dataset>-seed<seed>-<key>.json   one record per run (benchmark.record)
     claims/<key>.lock                                   held (flock) while a process runs <key>
     cache/                                              unimodal checkpoints shared by the runs
     logs/<key>.log                                      the training log of each run
@@ -23,16 +23,9 @@ from typing import Any
 
 from benchmark.claims import Claim, holder, sweep_leftovers, try_claim, wait_claim
 from benchmark.errors import UsageError
+from benchmark.record import check, key_of, record_name  # noqa: F401  (key_of, record_name: read from here too)
 
 RECORDS, CLAIMS, CACHE, LOGS = "records", "claims", "cache", "logs"
-
-
-def record_name(method: str, seed: int, key: str) -> str:
-    return f"{method}-seed{seed}-{key}.json"
-
-
-def key_of(path: Path) -> str:
-    return path.stem.rsplit("-", 1)[-1]
 
 
 class Store:
@@ -65,7 +58,7 @@ class Store:
         return self.root / CACHE
 
     def record_path(self, dataset: str, method: str, seed: int, key: str) -> Path:
-        return self.root / RECORDS / dataset / record_name(method, seed, key)
+        return self.root / RECORDS / dataset / record_name(method, dataset, seed, key)
 
     def log_path(self, key: str) -> Path:
         return self.root / LOGS / f"{key}.log"
@@ -139,26 +132,11 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-REQUIRED = {"status": str, "method": str, "dataset": str, "seed": int}
-
-
 def check_record(path: Path) -> tuple[dict[str, Any] | None, str]:
     """(record, "") for a whole record, else (None, what is wrong with it)."""
     record = read_record(path)
-    if record is None:
-        return None, "not a JSON object (unreadable or cut short)"
-    for name, kind in REQUIRED.items():
-        value = record.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return None, f"field {name!r} is missing or not a {kind.__name__}"
-    if record["status"] not in ("ok", "failed"):
-        return None, f"status {record['status']!r} is neither ok nor failed"
-    if record["status"] == "ok":
-        metrics = record.get("metrics")
-        acc = metrics.get("accuracy") if isinstance(metrics, dict) else None
-        if not isinstance(acc, (int, float)) or isinstance(acc, bool):
-            return None, "an ok record without a numeric metrics.accuracy"
-    return record, ""
+    problem = check(record)
+    return (None, problem) if problem else (record, "")
 
 
 def count_unimodal_reuse(record: dict[str, Any]) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from benchmark.config import build_config
 from benchmark.errors import UsageError
 from benchmark.files import os_error_line
 from benchmark.procs import worker_init
+from benchmark.record import Record
 from benchmark.store import Store, count_unimodal_reuse
 from benchmark.sweep_plan import PlannedRun, Smoke, _DataCache
 
@@ -118,23 +119,21 @@ def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache
             record = execute(run, Path(item.path), log=log, cache_dir=str(store.cache_dir))
         except Exception as exc:  # diverged (non-finite loss) or any error: recorded, the sweep goes on
             log("".join(traceback.format_exception(exc)))
-            if run is None:
-                record = {"schema": 1, "status": "failed", "method": item.method, "dataset": item.dataset,
-                          "seed": item.seed, "config": assignments, "error": f"{type(exc).__name__}: {exc}"}
-            else:
-                record = failed_record(run, exc)
+            record = failed_record(run, exc, assignments=dict(assignments, method=item.method,
+                                                              dataset=item.dataset, seed=item.seed))
             record["traceback"] = traceback.format_exception(exc)[-3:]
-    record["key"] = item.key
+    out = Record.from_json(record)  # the sweep's fields, on the one record definition
+    out.key = item.key
     if item.key != item.run_key:
-        record["run_key"] = item.run_key
-    record["sweep"] = {"label": item.label, "variant": item.variant, "tuned": item.tuned}
+        out.run_key = item.run_key
+    out.sweep = {"label": item.label, "variant": item.variant, "tuned": item.tuned}
     if spec.smoke:
-        record["smoke"] = asdict(spec.smoke)
+        out.smoke = asdict(spec.smoke)
     if previous and previous.get("status") == "failed":
-        record["previous_errors"] = previous.get("previous_errors", []) + [previous.get("error", "")]
-    record["elapsed_seconds"] = time.perf_counter() - t0
-    record["written_at"] = time.time()
-    return record
+        out.previous_errors = previous.get("previous_errors", []) + [previous.get("error", "")]
+    out.elapsed_seconds = time.perf_counter() - t0
+    out.written_at = time.time()
+    return out.to_json()
 
 
 def _worker_main(items: list[PlannedRun], spec: WorkerSpec, events: Any) -> None:

@@ -22,7 +22,7 @@ def _record(key: str) -> dict:
 
 def _store(root: Path, records: list[dict]) -> Path:
     for r in records:
-        path = root / "records" / r["dataset"] / f"{r['method']}-seed0-{r['key']}.json"
+        path = root / "records" / r["dataset"] / f"{r['method']}-{r['dataset']}-seed0-{r['key']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
     return root

@@ -71,7 +71,7 @@ def test_rekey_script_moves_old_records_to_the_new_keys(tmp_path):
                        if k not in NOT_IN_KEY and not (k in KEY_WHEN_SET and not v)})
     record["key"] = old
     path.unlink()
-    (folder / record_name("joint", 0, old)).write_text(json.dumps(record))
+    (folder / record_name("joint", "cg-digits", 0, old)).write_text(json.dumps(record))
     cfg = dict(record["config"], dataset_options=dict(record["config"]["dataset_options"], cache_dir="/x"))
     assert old != run.key  # the cache folder counted
     assert run_key(cfg, location_names(DATASETS.get("cg-digits").Options)) == run.key
@@ -79,7 +79,7 @@ def test_rekey_script_moves_old_records_to_the_new_keys(tmp_path):
                           capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert done.returncode == 0, done.stderr
     (moved,) = folder.glob("*.json")
-    assert moved.name == record_name("joint", 0, run.key) and json.loads(moved.read_text())["key"] == run.key
+    assert moved.name == record_name("joint", "cg-digits", 0, run.key) and json.loads(moved.read_text())["key"] == run.key
     again = subprocess.run([sys.executable, str(ROOT / "tools" / "rekey_results.py"), str(store)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert "0 record(s) re-keyed, 1 already" in again.stdout

@@ -39,7 +39,7 @@ def test_claim_dies_with_its_holder(tmp_path):
 def test_records_are_keyed_read_whole_and_corrupt_files_are_flagged(tmp_path):
     store = Store(tmp_path)
     path = store.record_path("synthetic", "joint", 3, "0123456789abcdef")
-    assert path.name == "joint-seed3-0123456789abcdef.json" and key_of(path) == "0123456789abcdef"
+    assert path.name == "joint-synthetic-seed3-0123456789abcdef.json" and key_of(path) == "0123456789abcdef"
     store.write(path, {"status": "ok", "key": "0123456789abcdef", "method": "joint", "dataset": "synthetic",
                         "seed": 3, "metrics": {"accuracy": 0.5}})
     bad = store.record_path("synthetic", "mla", 0, "ffffffffffffffff")

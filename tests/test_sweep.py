@@ -109,7 +109,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_no_record(tmp_path, capsys, ca
     store = tmp_path / "store"
     store.mkdir()
     (store / "records" / "synthetic").mkdir(parents=True)
-    sentinel = store / "records" / "synthetic" / "joint-seed0-0000000000000000.json"
+    sentinel = store / "records" / "synthetic" / "joint-synthetic-seed0-0000000000000000.json"
     sentinel.write_text('{"status": "ok"}')
     before = sorted(p.name for p in store.rglob("*"))
     good = write_sweep(tmp_path, GRID, name="good")

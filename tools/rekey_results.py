@@ -41,7 +41,7 @@ def rekey(store: Path) -> tuple[int, int]:
         record["key"] = new
         if record.get("run_key") == old:
             record["run_key"] = new
-        target = path.parent / record_name(record["method"], record["seed"], new)
+        target = path.parent / record_name(record["method"], record["dataset"], record["seed"], new)
         write_json_atomic(target, record)
         path.unlink()
         log = store / LOGS / f"{old}.log"
