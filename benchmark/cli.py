@@ -202,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.config}: {exc}") from None
         raise
     if args.print_config:
-        from benchmark.report_data import flat_options
+        from benchmark.config import flat_options
 
         print(to_toml(flat_options(run.resolved), header=f"resolved configuration of {cfg.method} on "
                                                          f"{cfg.dataset} (python -m benchmark run --config FILE)"))

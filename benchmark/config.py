@@ -154,7 +154,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         errors = []
         for arm in typing.get_args(annotation):
             if arm is type(None):
-                if isinstance(value, str) and value.lower() in ("none", "null", ""):
+                # None itself: a resolved configuration (a checkpoint's, a planned run's) read back
+                if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
                     return None
                 continue
             try:
@@ -317,3 +318,17 @@ def to_toml(flat: dict[str, Any], header: str = "") -> str:
         else:
             lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines)
+
+
+def flat_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved configuration as ``name → value`` with nested options as ``method.<name>``,
+    ``dataset.<name>``, ``encoder.<modality>`` and ``encoder_weights.<modality>``."""
+    out: dict[str, Any] = {}
+    for name, value in config.items():
+        if name in ("method_options", "dataset_options", "encoder", "encoder_weights") and isinstance(value, dict):
+            prefix = {"method_options": "method", "dataset_options": "dataset"}.get(name, name)
+            for sub, v in value.items():
+                out[f"{prefix}.{sub}"] = v
+        else:
+            out[name] = value
+    return out

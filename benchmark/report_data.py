@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark import method_facts
-from benchmark.config import RunConfig, config_hash
+from benchmark.config import RunConfig, config_hash, flat_options
 from benchmark.convergence import record_still_improving
 from benchmark.store import RECORDS, check_record, read_record
 
@@ -72,20 +72,6 @@ def is_location(name: str) -> bool:
     if "." not in name:
         return leaf in LOCATION_OPTIONS
     return leaf in LOCATION_NAMES or leaf.endswith(LOCATION_SUFFIXES)
-
-
-def flat_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The resolved configuration as ``name → value`` with nested options as ``method.<name>``,
-    ``dataset.<name>``, ``encoder.<modality>`` and ``encoder_weights.<modality>``."""
-    out: dict[str, Any] = {}
-    for name, value in config.items():
-        if name in ("method_options", "dataset_options", "encoder", "encoder_weights") and isinstance(value, dict):
-            prefix = {"method_options": "method", "dataset_options": "dataset"}.get(name, name)
-            for sub, v in value.items():
-                out[f"{prefix}.{sub}"] = v
-        else:
-            out[name] = value
-    return out
 
 
 def identity(record: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmark.config import RunConfig, config_hash, location_names
+from benchmark.config import RunConfig, config_hash, flat_options, location_names
 from benchmark.convergence import RULE as CONVERGENCE_RULE
 from benchmark.data import MultimodalData, create_dataset, resolve_dataset_options
 from benchmark.device import pick_device, seed_everything, seeded, set_determinism
@@ -58,6 +58,15 @@ class PreparedRun:
     @property
     def key(self) -> str:
         return run_key(self.resolved, self.dataset_locations)
+
+    def handed(self) -> dict[str, Any]:
+        """The resolved configuration as assignments (``build_config`` reads them), for the process
+        that runs it: every option at its resolved value, but the dataset's locations, which are
+        resolved where the run runs (its own $BMB_DATA_ROOT)."""
+        def location(name: str) -> bool:
+            return name.startswith("dataset.") and name.removeprefix("dataset.") in self.dataset_locations
+
+        return {k: v for k, v in flat_options(self.resolved).items() if not location(k)}
 
 
 def prepare(cfg: RunConfig, data: MultimodalData | None = None) -> PreparedRun:
@@ -123,8 +132,6 @@ def defaults_of(run: PreparedRun) -> dict[str, Any]:
     """The suite's, the method's and the dataset's default options, flat as in the report
     (``method.<name>``, ``dataset.<name>``, ``encoder.<modality>``): a report labels each row by
     the options in which it differs from these."""
-    from benchmark.report_data import flat_options
-
     defaults = RunConfig(method=run.cfg.method, dataset=run.cfg.dataset).to_dict()
     try:
         defaults["method_options"] = options_of(type(run.method.options)())

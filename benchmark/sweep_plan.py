@@ -73,7 +73,9 @@ def _subset(split: Any, n: int, seed: int) -> Any:
 
 @dataclass
 class PlannedRun:
-    """One run of a sweep: its assignments, where its record goes, and how tables name it."""
+    """One run of a sweep: its resolved configuration as assignments (every option at the value the
+    planner resolved, locations aside: benchmark.runner.PreparedRun.handed), where its record
+    goes, and how tables name it."""
 
     assignments: dict[str, Any]
     method: str
@@ -302,7 +304,8 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                         key = run.key
                         if smoke:  # smoke runs see subsets: never confused with full runs
                             key = config_hash({"run": run.key, "smoke": asdict(smoke)})
-                        runs.append(PlannedRun(assignments, mname, dname, seed, label, options,
+                        # handed to its worker resolved: every option at the value planned here
+                        runs.append(PlannedRun(run.handed(), mname, dname, seed, label, options,
                                                tuned_file, key, run.key,
                                                str(store.record_path(dname, mname, seed, key))))
     if not runs and notes:

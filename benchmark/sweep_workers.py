@@ -115,6 +115,8 @@ def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache
         try:
             cfg = build_config(assignments)
             run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
+            if run.key != item.run_key:  # the planned configuration must resolve to itself
+                raise RuntimeError(f"the run resolved to key {run.key} in the worker, {item.run_key} when planned")
             # the tracking logs and the checkpoint (options log, save_checkpoint) go beside the record
             record = execute(run, Path(item.path), log=log, cache_dir=str(store.cache_dir))
         except Exception as exc:  # diverged (non-finite loss) or any error: recorded, the sweep goes on

@@ -177,9 +177,11 @@ def test_run_out_folder_two_budgets_and_smoke_records(tmp_path, capsys):
                  "--no-live", "--jobs", "1"]) == 0
     smoke_files = list((smoke_store / "records").glob("*/*.json"))
     assert smoke_files and all(json.loads(p.read_text())["smoke"] for p in smoke_files)
+    full_files = list(folder.glob("*.json"))
     for p in smoke_files:  # smoke records in the same folder as the full ones
         shutil.copy(p, folder / p.name)
-    assert all(json.loads(p.read_text())["smoke"] is False for p in folder.glob("joint-synthetic-*.json"))
+    assert len(list(folder.glob("*.json"))) == len(full_files) + len(smoke_files)  # no name taken twice
+    assert all(json.loads(p.read_text())["smoke"] is False for p in full_files)
     capsys.readouterr()
     assert main(["report", "--store", str(folder), "--no-figures"]) == 0
     out = tmp_path / "reports"  # beside the folder
