@@ -152,10 +152,12 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         errors = []
-        for arm in typing.get_args(annotation):
+        arms = typing.get_args(annotation)
+        if value is None and type(None) in arms:  # a resolved configuration (a checkpoint's, a planned run's)
+            return None
+        for arm in arms:
             if arm is type(None):
-                # None itself: a resolved configuration (a checkpoint's, a planned run's) read back
-                if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+                if isinstance(value, str) and value.lower() in ("none", "null", ""):
                     return None
                 continue
             try:
