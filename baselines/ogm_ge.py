@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.joint import Joint
+from baselines.window import check_window, in_window
 from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
@@ -36,7 +37,6 @@ from benchmark.method import Batch, StepContext, shared_search_space
 from benchmark.registry import register_method
 
 MODULATE_CHOICES = ("auto", "conv", "weights")
-WINDOW_UNITS = ("fraction", "epochs")
 
 
 @dataclass
@@ -55,17 +55,7 @@ class OGMGEOptions:
     def validate(self) -> None:
         if self.alpha < 0:
             raise UsageError(f"method.alpha must be >= 0, got {self.alpha}")
-        if self.window not in WINDOW_UNITS:
-            raise UsageError(f"method.window must be one of {', '.join(WINDOW_UNITS)}, got {self.window!r}")
-        start, end = self.modulation_start, self.modulation_end
-        if not (0 <= start <= end) or (self.window == "fraction" and end > 1):
-            limit = " <= 1 (fractions of the epoch budget; set method.window=epochs for epochs)" \
-                if self.window == "fraction" else ""
-            raise UsageError(f"method.modulation_start ({start}) must be >= 0 and <= method.modulation_end "
-                             f"({end}){limit}")
-        if self.window == "epochs" and not (float(start).is_integer() and float(end).is_integer()):
-            raise UsageError(f"with method.window=epochs, modulation_start and modulation_end are whole epochs, "
-                             f"got {start} and {end}")
+        check_window(self.modulation_start, self.modulation_end, self.window)
         if self.modulate not in MODULATE_CHOICES:
             raise UsageError(
                 f"method.modulate must be one of {', '.join(MODULATE_CHOICES)}, got {self.modulate!r}"
@@ -155,10 +145,7 @@ class OGMGE(Joint):
     def active(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) is inside the modulation window."""
         o = self.options
-        if o.window == "epochs":
-            return o.modulation_start <= epoch <= o.modulation_end
-        budget = self.cfg.epochs
-        return o.modulation_start * budget <= epoch < o.modulation_end * budget
+        return in_window(epoch, o.modulation_start, o.modulation_end, o.window, self.cfg.epochs)
 
     def after_backward(self, ctx: StepContext, outputs: dict[str, torch.Tensor]) -> None:
         z_a, z_v, y = outputs["_z_a"], outputs["_z_v"], outputs["_y"]

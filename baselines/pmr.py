@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.joint import Joint
+from baselines.window import check_window, in_window
 from benchmark.config import opt
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import DivergedError, UsageError
@@ -44,7 +45,6 @@ from benchmark.method import Batch, StepContext, shared_search_space
 from benchmark.registry import register_method
 
 COEF_RULES = ("paper", "binary")
-WINDOW_UNITS = ("fraction", "epochs")
 SMOOTHING = ("every", "code")
 ABSENT_RULES = ("keep", "error")
 SUBSET_SHARE = 10  # D′ = the first ⌊len(loader)/10⌋ batches of a shuffled training pass
@@ -81,19 +81,10 @@ class PMROptions:
             raise UsageError(f"method.per_epochs must be >= 0, got {self.per_epochs}")
         if not 0 <= self.momentum_coef < 1:
             raise UsageError(f"method.momentum_coef must be in [0, 1), got {self.momentum_coef}")
-        for name, choices in (("coef", COEF_RULES), ("smoothing", SMOOTHING), ("absent_class", ABSENT_RULES),
-                              ("window", WINDOW_UNITS)):
+        for name, choices in (("coef", COEF_RULES), ("smoothing", SMOOTHING), ("absent_class", ABSENT_RULES)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"method.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        start, end = self.modulation_start, self.modulation_end
-        if not (0 <= start <= end) or (self.window == "fraction" and end > 1):
-            limit = " <= 1 (fractions of the epoch budget; set method.window=epochs for epochs)" \
-                if self.window == "fraction" else ""
-            raise UsageError(f"method.modulation_start ({start}) must be >= 0 and <= method.modulation_end "
-                             f"({end}){limit}")
-        if self.window == "epochs" and not (float(start).is_integer() and float(end).is_integer()):
-            raise UsageError(f"with method.window=epochs, modulation_start and modulation_end are whole epochs, "
-                             f"got {start} and {end}")
+        check_window(self.modulation_start, self.modulation_end, self.window)
 
 
 # --- the formulas, as functions of tensors -----------------------------------------------------
@@ -185,10 +176,7 @@ class PMR(Joint):
     def active(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) is inside the modulation window."""
         o = self.options
-        if o.window == "epochs":
-            return o.modulation_start <= epoch <= o.modulation_end
-        budget = self.cfg.epochs
-        return o.modulation_start * budget <= epoch < o.modulation_end * budget
+        return in_window(epoch, o.modulation_start, o.modulation_end, o.window, self.cfg.epochs)
 
     def per_active(self, epoch: int) -> bool:
         return self.options.per and self.options.mu > 0 and epoch < self.options.per_epochs
