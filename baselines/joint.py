@@ -35,9 +35,9 @@ class Joint(Method):
         "crema-d": {"MCR reruns (3 folds, val-selected)": (62.6, 5.8),
                     "BalanceBenchmark (1 run, test-selected)": (65.50, None),
                     "MMPareto paper (Tab. 1)": (66.13, None), "DGL paper (Tab. 1)": (65.1, None),
-                    "InfoReg paper (Tab. 2)": (66.61, None)},
+                    "InfoReg paper (Tab. 2)": (66.61, None), "D&R paper (Tab. 1)": (67.47, None)},
         "kinetics-sounds": {"MMPareto paper (Tab. 1)": (64.61, None), "DGL paper (Tab. 1)": (64.45, None),
-                            "InfoReg paper (Tab. 2)": (65.67, None)},
+                            "InfoReg paper (Tab. 2)": (65.67, None), "D&R paper (Tab. 1)": (65.04, None)},
     }
 
     def build(self) -> nn.Module:
