@@ -123,11 +123,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     tuned = load_tuned(args.tuned)
     store = Store(args.store or DEFAULT_STORE)
     plan = plan_sweep(spec, store, filters, smoke, tuned)  # every value checked before the store is touched
-    executor = None
     if args.slurm:
-        from benchmark.sweep import slurm_executor
+        from benchmark.sweep import check_slurm
 
-        executor = slurm_executor(plan, store, slurm_options, args.slurm_cluster)
+        check_slurm(plan, store, slurm_options, args.slurm_cluster)
     if smoke and not args.store:  # a temporary store, made only once everything is checked
         store = Store(tempfile.mkdtemp(prefix=f"bmb-smoke-{spec.name}-"))
         for run in plan.runs:
@@ -146,7 +145,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from benchmark.sweep import submit_slurm
 
         ids = submit_slurm(plan, store, args.slurm, slurm_options, args.slurm_cluster, args.slurm_wait,
-                           args.retry_failed, executor)
+                           args.retry_failed)
         print(f"submitted {len(ids)} SLURM job(s) for {len(plan.runs)} runs: {', '.join(ids)}; "
               f"logs in {store.root / 'slurm'}; re-run this command without --slurm to check or finish")
         return 0

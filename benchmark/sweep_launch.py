@@ -11,6 +11,7 @@ import queue
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,15 +249,17 @@ def _run_processes(todo: list[PlannedRun], store: Store, jobs: int, devices: lis
 SLURM_CLUSTERS = ("slurm", "local", "debug")
 
 
-def slurm_executor(plan: Plan, store: Store, options: dict[str, str], cluster: str | None = None) -> Any:
-    """A submitit executor with the sweep's parameters; UsageError for a bad cluster or parameter.
-    Creates nothing on disk (the log folder appears at the first submission)."""
+def slurm_executor(plan: Plan, store: Store, options: dict[str, str], cluster: str | None = None,
+                   folder: str | None = None) -> Any:
+    """A submitit executor with the sweep's parameters, its logs in ``folder`` (default: the store's
+    ``slurm/<job id>``); UsageError for a bad cluster or parameter. Some submitit versions create
+    the folder here: check the options with :func:`check_slurm` before the store may be touched."""
     import submitit
 
     if cluster is not None and cluster not in SLURM_CLUSTERS:
         raise UsageError(f"--slurm-cluster must be one of {', '.join(SLURM_CLUSTERS)}, got {cluster!r}")
     try:
-        executor = submitit.AutoExecutor(folder=str(store.root / "slurm" / "%j"), cluster=cluster)
+        executor = submitit.AutoExecutor(folder=folder or str(store.root / "slurm" / "%j"), cluster=cluster)
     except (ValueError, RuntimeError) as exc:
         raise UsageError(f"--slurm-cluster {cluster or 'auto'}: {str(exc).splitlines()[0]}") from None
     params: dict[str, Any] = {"timeout_min": 24 * 60, "gpus_per_node": 1, "cpus_per_task": 8,
@@ -269,6 +272,13 @@ def slurm_executor(plan: Plan, store: Store, options: dict[str, str], cluster: s
         raise UsageError(f"--slurm-opt: {str(exc).splitlines()[0]}; see submitit's executor parameters "
                          "(e.g. slurm_partition=gpu, timeout_min=600)") from None
     return executor
+
+
+def check_slurm(plan: Plan, store: Store, options: dict[str, str], cluster: str | None = None) -> None:
+    """Every SLURM option checked by building the executor in a throw-away folder: nothing is
+    created in the store (UsageError as :func:`slurm_executor`)."""
+    with tempfile.TemporaryDirectory(prefix="bmb-slurm-check-") as tmp:
+        slurm_executor(plan, store, options, cluster, folder=os.path.join(tmp, "%j"))
 
 
 def submit_slurm(plan: Plan, store: Store, jobs: int, options: dict[str, str], cluster: str | None = None,

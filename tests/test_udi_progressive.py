@@ -149,18 +149,34 @@ def test_progressive_run_orders_followers_by_validation_accuracy_and_records_gui
 
 # --- the earlier behaviour ----------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(json.loads(REFERENCE.read_text())["cases"]))
-def test_anchor_guidance_reproduces_the_earlier_code_to_the_bit(case: str) -> None:
+def test_anchor_guidance_reproduces_the_earlier_code(case: str) -> None:
     """The reference was written by the suite before progressive guidance existed (see its
-    ``produced_by``), on this machine's torch with one thread (as conftest sets)."""
+    ``produced_by``), with this torch and one thread (as conftest sets). On a CPU with the same
+    kernels (AVX2 / AVX-512, ``torch.backends.cpu.get_cpu_capability()``) the run repeats it bit
+    for bit; on another the kernels sum in another order, so floats are compared to 1e-4 relative (1e-6 absolute)
+    there, and everything else (accuracies, stages, anchors, the controller's choices) exactly."""
     ref = json.loads(REFERENCE.read_text())["cases"][case]
     # the protocol of that time: no precise BatchNorm, unimodal training for the whole budget
     earlier = {"precise_bn": 0, "unimodal_patience": 0, "unimodal_lr_decay": 0}
     record = execute(prepare(build_config(dict(ref["settings"], **earlier, **{"method.guidance": "anchor"}))))
     keys = list(ref["history"][0])
     history = [{k: row.get(k) for k in keys} for row in record["history"] if str(row["stage"]).startswith("udi:")]
-    assert history == ref["history"]
-    assert {k: record["metrics"][k] for k in ref["metrics"]} == ref["metrics"]
-    assert record["method_record"]["followers"] == ref["followers"]
+    assert _same_run(history, ref["history"])
+    assert _same_run({k: record["metrics"][k] for k in ref["metrics"]}, ref["metrics"])
+    assert _same_run(record["method_record"]["followers"], ref["followers"])
+
+
+def _same_run(got: object, ref: object) -> bool:
+    """Equal, floats to 1e-4 relative or 1e-6 absolute (see above); the same structure, strings, integers and
+    booleans exactly. A float that is a fraction of a split (an accuracy) differs by whole samples
+    when the run differs, far beyond the tolerance."""
+    if isinstance(ref, dict):
+        return isinstance(got, dict) and got.keys() == ref.keys() and all(_same_run(got[k], ref[k]) for k in ref)
+    if isinstance(ref, list):
+        return isinstance(got, list) and len(got) == len(ref) and all(map(_same_run, got, ref))
+    if isinstance(ref, float) and not isinstance(got, bool) and isinstance(got, (int, float)):
+        return got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    return type(got) is type(ref) and got == ref
 
 
 def test_two_modalities_progressive_and_anchor_guidance_are_the_same_run(tiny: dict) -> None:
