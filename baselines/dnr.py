@@ -55,6 +55,9 @@ class DnROptions:
                               "the paper's Alg. 1 has no cap: set it >= epochs/H)")
     n_init: int = opt(10, "k-means restarts (scikit-learn's default before 1.4, which the reference ran; "
                           "'auto' in later releases means 1 for k-means++)")
+    restart_patience: bool = opt(True, "early stopping's patience counts from each re-initialisation that moved "
+                                       "the weights (a_m > 0), so that the model can recover from it; the best "
+                                       "epoch is still chosen over the whole run")
 
     def validate(self) -> None:
         if not (self.lambda_ >= 0 and math.isfinite(self.lambda_)):
@@ -228,6 +231,8 @@ class DnR(Joint):
         start = time.perf_counter()
         result = self.diagnose(ctx.trainer)
         self.relearn_encoders(result["a"])
+        if self.options.restart_patience and max(result["a"].values()) > 0:
+            ctx.restart_patience()
         result = {"after_epoch": finished_epoch, **result, "seconds": time.perf_counter() - start}
         self.diagnoses.append(result)
         self._last = result

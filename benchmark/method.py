@@ -42,6 +42,8 @@ class Loop(Protocol):
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]: ...
 
+    def restart_patience(self, epoch: int) -> None: ...
+
 
 @dataclass
 class NoOptions:
@@ -61,6 +63,12 @@ class StepContext:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.trainer.backward(loss)
+
+    def restart_patience(self) -> None:
+        """Early stopping counts its patience from this epoch: for a method that deliberately
+        perturbs the model (D&R's re-initialisation), which would otherwise be stopped before
+        it could recover. The best epoch is still chosen over every epoch of the stage."""
+        self.trainer.restart_patience(self.epoch)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.trainer.optimizer_step(optimizer)

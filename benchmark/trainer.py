@@ -83,6 +83,7 @@ class Trainer:
         # Called with each per-epoch history row (e.g. to prune a tuning trial); may raise.
         self.on_epoch_end: Callable[[dict[str, Any]], None] | None = None
         self.stage: Stage | None = None  # the stage being trained (read by per-epoch diagnostics)
+        self.patience_from = -1  # early stopping's patience counts from here (see restart_patience)
 
     # --- helpers a step may call ------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -192,6 +193,10 @@ class Trainer:
         return recompute_batchnorm(stage.module, self.batches("train", shuffle=False, batch_size=self.cfg.batch_size),
                                    forward, self.cfg.precise_bn)
 
+    def restart_patience(self, epoch: int) -> None:
+        """Patience counts from ``epoch`` in the stage being fitted (StepContext.restart_patience)."""
+        self.patience_from = epoch
+
     # --- training -----------------------------------------------------------------------------
     def fit(self, stage: Stage) -> StageResult:
         """Train one stage; afterwards ``stage.module`` holds its best-validation weights."""
@@ -214,6 +219,7 @@ class Trainer:
         epoch = -1
         stopped = False
         decays, last_decay = 0, -1
+        self.patience_from = -1
         for epoch in range(epochs):
             stage.module.train()
             ctx = StepContext(self, stage, epoch, 0, num_batches, optimizers)
@@ -300,7 +306,7 @@ class Trainer:
                         group["lr"] *= 0.1
                 self.log(f"[{stage.name}] learning rate x0.1: no better validation accuracy for "
                          f"{stage.lr_decay_after} epochs")
-            if patience and epoch - best_epoch >= patience:
+            if patience and epoch - max(best_epoch, self.patience_from) >= patience:
                 self.log(f"[{stage.name}] early stop: no better validation accuracy for {patience} epochs")
                 stopped = True
                 break

@@ -262,3 +262,59 @@ def test_bad_options_are_refused(tmp_path, capsys) -> None:
     assert main(["run", "--method", "dnr", "--set", "method.every=0", "--epochs", "1", "--quiet",
                  "--out", str(tmp_path)]) == 2
     assert "method.every" in capsys.readouterr().err
+
+
+# --- early stopping after a re-initialisation -----------------------------------------------------
+
+
+@pytest.mark.parametrize("restart_at", [None, 2])
+def test_restart_patience_counts_from_the_epoch_it_is_called_in(restart_at: int | None) -> None:
+    """The loop's rule (StepContext.restart_patience): with a loss of zero gradient (weight decay
+    only scales the logits) validation never improves after
+    epoch 0, so patience 2 stops after epoch 2; a restart at the start of epoch 2 moves the stop
+    to after epoch 2 + 2 = 4. The best epoch is still epoch 0."""
+    from benchmark.data.base import MultimodalData, TensorSplit
+    from benchmark.method import Stage
+
+    gen = torch.Generator().manual_seed(0)
+    info = DataInfo("toy", [ModalitySpec("a", "vector", (4,), "mlp")], 2)
+
+    def split(n: int) -> TensorSplit:
+        return TensorSplit({"a": torch.randn(n, 4, generator=gen)}, torch.arange(n) % 2)
+
+    data = MultimodalData(info, {"train": split(32), "val": split(16), "test": split(16)})
+    cfg = build_config({"method": "joint", "epochs": 20, "patience": 2, "batch_size": 16,
+                        "precise_bn": 0})
+    model = torch.nn.Linear(4, 2)
+
+    def on_epoch_start(ctx: StepContext) -> None:
+        if ctx.epoch == restart_at:
+            ctx.restart_patience()
+
+    stage = Stage(name="toy", module=model, step=lambda b, ctx: {"loss": 0.0 * model(b["a"]).sum()},
+                  predict=lambda b: model(b["a"]), seed_key="toy", on_epoch_start=on_epoch_start)
+    result = Trainer(cfg, data, torch.device("cpu")).fit(stage)
+    assert result.best_epoch == 0 and result.stopped_early
+    assert result.epochs_run == (3 if restart_at is None else 5)
+
+
+def test_a_reinitialisation_that_moves_weights_restarts_patience(tiny: dict) -> None:
+    """λ = 0 moves nothing and leaves early stopping as joint's (the λ = 0 invariance); λ > 0
+    restarts the count at the epoch after the diagnosis, unless restart_patience is off."""
+    calls = []
+    run = prepare(build_config(dict(tiny, method="dnr", **{"method.lambda_": 50, "method.every": 1})))
+    method = run.method
+    method.build()
+    trainer = Trainer(run.cfg, run.data, run.device)
+    trainer.restart_patience = lambda epoch: calls.append(epoch)  # type: ignore[method-assign]
+    method.on_epoch_start(StepContext(trainer, method.stage(), 2, 0, 1, []))
+    assert max(method.diagnoses[0]["a"].values()) > 0 and calls == [2]
+    method.options.restart_patience = False
+    method.on_epoch_start(StepContext(trainer, method.stage(), 3, 0, 1, []))
+    assert len(method.diagnoses) == 2 and calls == [2]
+    zero = prepare(build_config(dict(tiny, method="dnr", **{"method.lambda_": 0, "method.every": 1})))
+    zero.method.build()
+    trainer = Trainer(zero.cfg, zero.data, zero.device)
+    trainer.restart_patience = lambda epoch: calls.append(epoch)  # type: ignore[method-assign]
+    zero.method.on_epoch_start(StepContext(trainer, zero.method.stage(), 2, 0, 1, []))
+    assert calls == [2]
