@@ -148,6 +148,11 @@ class DnR(Joint):
         "scheduler": "none", "epochs": 90,
     }
 
+    @classmethod
+    def perf_variants(cls, modalities: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        # its step is joint's; the second row puts a diagnosis in the timed run (after epoch 1)
+        return [("dnr", {}), ("dnr (diagnosis after epoch 1)", {"method.every": 1})]
+
     @staticmethod
     def search_space(trial: Any) -> dict[str, Any]:
         return {**shared_search_space(trial),

@@ -5,7 +5,10 @@ The floor is a minimal hand-written PyTorch loop (zero_grad, forward, cross-entr
 step) over the same model as the reference method (joint), the same in-memory data and the same batch size, with
 nothing else. Every method is run through its own ``run()`` (all its phases) for a few epochs;
 its training epochs are timed by the trainer (validation excluded) and the first epoch of each
-stage is dropped as warm-up. Methods and the floor are interleaved over repeats, and the median
+stage is dropped as warm-up. The whole ``run()`` is also timed, per epoch of the method's own
+stages ("run s / epoch": training, validation and anything a method does between steps, such as
+G-Blending's extra copies or D&R's diagnoses; the shared unimodal phases, trained in the first
+repeat and reused, left out by taking the later repeats). Methods and the floor are interleaved over repeats, and the median
 over repeats is reported, so that load on the machine affects all of them alike.
 """
 
@@ -38,6 +41,8 @@ from benchmark.trainer import Trainer
 # (perf_bound_vs_single). The reference method's own target is against the hand-written floor.
 FLOOR_BOUND = 0.95  # reference throughput / floor throughput
 SINGLE = "single-modality (last modality)"  # the row of the single-modality method's step
+RUN_PER_EPOCH = "run_seconds_per_epoch"  # time_method's whole-run figure (not a stage)
+META = ("data_wait_fraction", RUN_PER_EPOCH)
 
 
 def reference() -> str:
@@ -107,12 +112,20 @@ def time_method(setting: Setting, method: str, overrides: dict[str, Any], epochs
     m.device = device
     build_method(m)
     m.model.to(device)
+    _sync(device)
+    start = time.perf_counter()
     m.run(trainer)
+    _sync(device)
+    run_seconds = time.perf_counter() - start
     per_stage: dict[str, list[float]] = {}
     for row in trainer.history:
         per_stage.setdefault(row["stage"], []).append(row["epoch_seconds"])
     out = {stage: statistics.median(times[1:] or times) for stage, times in per_stage.items()}
     out["data_wait_fraction"] = trainer.data_wait_seconds / max(sum(trainer.epoch_seconds), 1e-9)
+    # the whole run per epoch of the method's own stages: training, validation and whatever the
+    # method does between steps (extra copies, diagnoses), the shared unimodal phases aside
+    own = sum(1 for row in trainer.history if not str(row["stage"]).startswith("unimodal:"))
+    out[RUN_PER_EPOCH] = run_seconds / max(own, 1)
     return out
 
 
@@ -160,7 +173,7 @@ def _sync(device: torch.device) -> None:
 
 
 def follower_stage(times: dict[str, float]) -> str | None:
-    names = [s for s in times if s != "data_wait_fraction" and not s.startswith("unimodal:")]
+    names = [s for s in times if s not in META and not s.startswith("unimodal:")]
     return names[-1] if names else None
 
 
@@ -190,9 +203,14 @@ def measure(setting: Setting, device: torch.device, methods: list[str], repeats:
     for label, runs in samples.items():
         stage = "floor" if label == "floor" else follower_stage(runs[0]) or next(iter(runs[0]))
         epoch_s = statistics.median(run[stage] for run in runs)
-        rows.append({"method": label, "stage": stage, "samples_per_s": n_train / epoch_s,
-                     "step_ms": 1000 * epoch_s / steps,
-                     "data_wait": statistics.median(run.get("data_wait_fraction", 0.0) for run in runs)})
+        row = {"method": label, "stage": stage, "samples_per_s": n_train / epoch_s,
+               "step_ms": 1000 * epoch_s / steps,
+               "data_wait": statistics.median(run.get("data_wait_fraction", 0.0) for run in runs)}
+        # the first repeat may train the shared unimodal phases for the later ones: left out
+        whole = [run[RUN_PER_EPOCH] for run in (runs[1:] or runs) if RUN_PER_EPOCH in run]
+        if whole:
+            row["run_epoch_s"] = statistics.median(whole)
+        rows.append(row)
     by = {row["method"]: row for row in rows}
     methods_of = {label: name for label, name, _ in variants}
     ref = reference()
@@ -202,6 +220,8 @@ def measure(setting: Setting, device: torch.device, methods: list[str], repeats:
         row["name"] = name or row["method"]
         if ref in by:
             row["step_vs_reference"] = row["step_ms"] / by[ref]["step_ms"]
+            if "run_epoch_s" in row and "run_epoch_s" in by[ref]:
+                row["run_vs_reference"] = row["run_epoch_s"] / by[ref]["run_epoch_s"]
         if name and METHODS.get(name).fact("perf_bound_vs_single") is not None and SINGLE in by:
             row["step_vs_single"] = row["step_ms"] / by[SINGLE]["step_ms"]
     return rows
@@ -250,14 +270,15 @@ def _memory_probe(which: str, method: str, device_name: str) -> float:
 def format_table(title: str, rows: list[dict[str, Any]], device: str) -> str:
     lines = [f"### {title}", "", f"device: {device}", "",
              f"| method | samples/s | step ms | × floor throughput | step × {reference()} | step × single-modality "
-             "| data wait | peak MB |", "|---|---|---|---|---|---|---|---|"]
+             f"| run s / epoch | run × {reference()} | data wait | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     def fmt(row: dict[str, Any], key: str, spec: str = ".2f") -> str:
         return format(row[key], spec) if key in row else ""
 
     for row in rows:
         lines.append(f"| {row['method']} | {row['samples_per_s']:.0f} | {row['step_ms']:.2f} | "
                      f"{fmt(row, 'throughput_vs_floor')} | {fmt(row, 'step_vs_reference')} | "
-                     f"{fmt(row, 'step_vs_single')} | {100 * row['data_wait']:.1f}% | "
+                     f"{fmt(row, 'step_vs_single')} | {fmt(row, 'run_epoch_s')} | {fmt(row, 'run_vs_reference')} | "
+                     f"{100 * row['data_wait']:.1f}% | "
                      f"{fmt(row, 'peak_mb', '.0f')} |")
     return "\n".join(lines)
 

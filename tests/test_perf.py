@@ -36,3 +36,16 @@ def test_bounds_are_judged_in_the_right_direction() -> None:
     assert any(v.startswith("ogm_ge") and v.endswith("met") for v in verdicts)
     assert any(v.startswith("mcr") and v.endswith("MISSED") for v in verdicts)
     assert any(v.startswith("udi (static)") and v.endswith("met") for v in verdicts)
+
+
+def test_the_whole_run_per_epoch_counts_work_between_steps() -> None:
+    """G-Blending trains copies of its model at the start of its first super-epoch (outside the
+    timed training epochs): its step is about joint's, its whole run per epoch is not."""
+    data = create_dataset("synthetic", {"n_train": 256, "n_val": 32, "n_test": 32})
+    rows = measure(Setting("tiny", data, 64), torch.device("cpu"), ["joint", "gblending"], repeats=1, epochs=2)
+    by = {row["method"]: row for row in rows}
+    assert by["joint"]["run_vs_reference"] == 1.0 and "run_epoch_s" not in by["floor"]
+    gb = by["gblending"]
+    assert gb["run_vs_reference"] == gb["run_epoch_s"] / by["joint"]["run_epoch_s"]
+    assert gb["run_vs_reference"] > 1.5 * gb["step_vs_reference"]  # two copies trained 2 epochs each
+    assert "| run s / epoch | run × joint |" in format_table("tiny", rows, "cpu")
