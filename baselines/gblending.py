@@ -202,15 +202,10 @@ class GBlending(MultiLoss):
         self.probe_set = _subset(train, self.probe_indices)
 
     def run(self, trainer: Any) -> dict[str, Any]:
-        data = trainer.data
-        self.make_splits(data)
-        swapped = self.train_set is not data.splits["train"]
-        if swapped:  # the loop draws its batches from "train": it sees T only
-            trainer.data = MultimodalData(data.info, {**data.splits, "train": self.train_set}, data.manifest)
-        try:
-            trainer.fit(self.stage())
-        finally:
-            trainer.data = data
+        self.make_splits(trainer.data)
+        stage = self.stage()
+        stage.train_split = self.train_set  # the loop's batches and BatchNorm statistics: T only
+        trainer.fit(stage)
         return self.record_facts()
 
     # --- training ----------------------------------------------------------------------------

@@ -31,9 +31,7 @@ See docs/methods/reconboost.md for the map to the reference code and the deliber
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -282,15 +280,6 @@ class ReconBoost(Method):
     def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return make_optimizer(params, dataclasses.replace(self.cfg, lr=lr))
 
-    @contextlib.contextmanager
-    def _no_scheduler(self, trainer: Any) -> Iterator[None]:
-        cfg = trainer.cfg
-        trainer.cfg = dataclasses.replace(cfg, scheduler="none")  # one epoch per fit: the stage schedule rules
-        try:
-            yield
-        finally:
-            trainer.cfg = cfg
-
     def _phase(self, trainer: Any, name: str, step: Any, params: list[nn.Parameter], lr: float,
                epochs: int, t: int, i: int, on_epoch_start: Any = None) -> list[dict[str, Any]]:
         opt_ = self._optimizer([p for p in params if p.requires_grad], lr)
@@ -301,9 +290,9 @@ class ReconBoost(Method):
             stage = Stage(name=name, module=self.model, step=step, predict=self.predict,
                           seed_key=self.stream(f"order/{t}/{name}/{e}"), params=params,
                           make_optimizers=lambda _p, o=opt_: [o], on_epoch_start=on_epoch_start,
-                          epoch_log=self.epoch_log, epochs=1, patience=0, modalities=list(self.modalities))
-            with self._no_scheduler(trainer):
-                result = trainer.fit(stage)
+                          epoch_log=self.epoch_log, epochs=1, patience=0, modalities=list(self.modalities),
+                          scheduler=False)  # one epoch per fit: the stage-wise decay replaces cfg.scheduler
+            result = trainer.fit(stage)
             rows.append(result.history[-1])
         return rows
 

@@ -123,6 +123,12 @@ class Stage:
     # (at most twice; 0 = never): with early stopping, training to convergence.
     lr_decay_after: int = 0
     modalities: list[str] = field(default_factory=list)
+    # the samples the stage trains on (batches and precise BatchNorm statistics) when not the run's
+    # training split: G-Blending trains on train minus the hold-out it carves out
+    train_split: Any = None
+    # False: the run's learning-rate scheduler (cfg.scheduler) does not apply, the method schedules
+    # its learning rates itself (ReconBoost's one-epoch fits under its stage-wise decay)
+    scheduler: bool = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = self.params if self.params is not None else list(self.module.parameters())

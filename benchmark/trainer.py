@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from benchmark.config import RunConfig
 from benchmark.convergence import stage_facts
@@ -128,11 +129,13 @@ class Trainer:
             return batch
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def batches(self, split: str, *, shuffle: bool, generator: torch.Generator | None = None,
+    def batches(self, split: str | Dataset, *, shuffle: bool, generator: torch.Generator | None = None,
                 batch_size: int | None = None) -> Iterator[Batch]:
+        """Mini-batches of a split of the run's data (by name) or of a given dataset."""
         size = batch_size or (self.cfg.batch_size if shuffle else self.cfg.eval_batch_size)
         pin = self.device.type == "cuda"
-        for batch in iterate_batches(self.data.splits[split], size, shuffle=shuffle,
+        data = self.data.splits[split] if isinstance(split, str) else split
+        for batch in iterate_batches(data, size, shuffle=shuffle,
                                      generator=generator, num_workers=self.cfg.num_workers,
                                      pin_memory=pin):
             yield self.to_device(batch)
@@ -190,7 +193,8 @@ class Trainer:
             with self.autocast():
                 stage.predict(batch)
 
-        return recompute_batchnorm(stage.module, self.batches("train", shuffle=False, batch_size=self.cfg.batch_size),
+        train = "train" if stage.train_split is None else stage.train_split
+        return recompute_batchnorm(stage.module, self.batches(train, shuffle=False, batch_size=self.cfg.batch_size),
                                    forward, self.cfg.precise_bn)
 
     def restart_patience(self, epoch: int) -> None:
@@ -209,9 +213,11 @@ class Trainer:
         optimizers = stage.make_optimizers(params) if stage.make_optimizers else [make_optimizer(params, cfg)]
         epochs = cfg.epochs if stage.epochs is None else stage.epochs
         patience = cfg.patience if stage.patience is None else stage.patience
-        schedulers = [s for s in (_scheduler(o, cfg, epochs) for o in optimizers) if s is not None]
+        schedulers = [s for s in (_scheduler(o, cfg, epochs) for o in optimizers) if s is not None] \
+            if stage.scheduler else []
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, stage.seed_key or stage.name))
-        num_batches = math.ceil(len(self.data.splits["train"]) / cfg.batch_size)
+        train = self.data.splits["train"] if stage.train_split is None else stage.train_split
+        num_batches = math.ceil(len(train) / cfg.batch_size)
 
         best_acc, best_epoch, best_state = -1.0, -1, None
         history: list[dict[str, Any]] = []
@@ -228,7 +234,7 @@ class Trainer:
             logged: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
             start = time.perf_counter()
             waited = 0.0
-            batches = self.batches("train", shuffle=True, generator=generator)
+            batches = self.batches(train, shuffle=True, generator=generator)
             step = 0
             while True:
                 t0 = time.perf_counter()

@@ -214,3 +214,13 @@ def test_cli_runs(tmp_path, modalities: int) -> None:
     assert [r["reconboost_modality"] for r in rows if r["reconboost_phase"] == 1] == [i % modalities
                                                                                      for i in range(3)]
     assert record["method_record"]["reconboost"]["stages_run"] == 3
+
+
+def test_its_one_epoch_fits_ignore_the_run_scheduler(tiny: dict) -> None:
+    """Each phase epoch is a fit of one epoch with a stage that turns cfg.scheduler off: a step
+    scheduler of step 1 and γ 0.1 would otherwise cut every later epoch's rate tenfold."""
+    settings = dict(tiny, method="reconboost", epochs=8, lr=0.05, scheduler="step", step_size=1, gamma=0.1,
+                    diagnostics=False, **{"method.learner_epochs": 2, "method.rectify_epochs": 2})
+    record = execute(prepare(build_config(settings)))
+    rows = [r for r in record["history"] if str(r["stage"]).startswith("reconboost:")]
+    assert len(rows) == 8 and {r["lr"] for r in rows} == {0.05}
