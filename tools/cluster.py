@@ -251,13 +251,15 @@ def check_slurm_sweep(env: dict[str, str], base: Path, timeout: float) -> str:
     return f"{len(ok)} records from jobs {','.join(jobs_seen)}"
 
 
-def check_tune(url: str, base: Path, trials: int = 4) -> str:
+def check_tune(url: str, base: Path, trials: int = 8) -> str:
     import optuna
 
     out = base / "tuned"
+    # trials long enough (2 epochs of 768 samples, 8 of them) that the first worker cannot finish
+    # the study before the second has imported torch and joined it
     bench("tune", "--method", "joint", "--dataset", "synthetic", "--trials", str(trials), "--jobs", "2",
-          "--storage", url, "--study", "cluster-joint", "--out", str(out), "--epochs", "1", "--quiet",
-          "--set", "dataset.n_train=256", "--set", "dataset.n_val=64", "--set", "dataset.n_test=64",
+          "--storage", url, "--study", "cluster-joint", "--out", str(out), "--epochs", "2", "--quiet",
+          "--set", "dataset.n_train=768", "--set", "dataset.n_val=64", "--set", "dataset.n_test=64",
           "--set", "probe=false")
     study = optuna.load_study(study_name="cluster-joint", storage=url)
     states = [t.state.name for t in study.trials]
