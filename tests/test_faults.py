@@ -428,7 +428,7 @@ def test_killed_sweep_worker_fails_the_sweep_naming_the_run_and_a_restart_comple
     from benchmark.sweep import load_sweep, plan_sweep
 
     path = tmp_path / "slow.toml"
-    path.write_text('seeds = [0, 1]\n[settings]\nepochs = 8\nbatch_size = 32\nprobe = false\n'
+    path.write_text('seeds = [0, 1]\n[settings]\nepochs = 40\nbatch_size = 32\nprobe = false\n'
                     '[datasets.synthetic]\nsettings = { "dataset.n_train" = 1200, "dataset.n_val" = 200, '
                     '"dataset.n_test" = 100 }\n[methods.joint]\nvariants = [{ lr = [0.01, 0.02] }]\n')
     store = tmp_path / "store"
