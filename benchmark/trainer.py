@@ -193,9 +193,12 @@ class Trainer:
             with self.autocast():
                 stage.predict(batch)
 
-        train = "train" if stage.train_split is None else stage.train_split
-        return recompute_batchnorm(stage.module, self.batches(train, shuffle=False, batch_size=self.cfg.batch_size),
+        return recompute_batchnorm(stage.module, self.batches(self.train_samples(stage), shuffle=False, batch_size=self.cfg.batch_size),
                                    forward, self.cfg.precise_bn)
+
+    def train_samples(self, stage: Stage) -> Dataset:
+        """What ``stage`` trains on: its own ``train_split``, else the run's training split."""
+        return self.data.splits["train"] if stage.train_split is None else stage.train_split
 
     def restart_patience(self, epoch: int) -> None:
         """Patience counts from ``epoch`` in the stage being fitted (StepContext.restart_patience)."""
@@ -216,7 +219,7 @@ class Trainer:
         schedulers = [s for s in (_scheduler(o, cfg, epochs) for o in optimizers) if s is not None] \
             if stage.scheduler else []
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, stage.seed_key or stage.name))
-        train = self.data.splits["train"] if stage.train_split is None else stage.train_split
+        train = self.train_samples(stage)
         num_batches = math.ceil(len(train) / cfg.batch_size)
 
         best_acc, best_epoch, best_state = -1.0, -1, None
