@@ -61,6 +61,27 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
+def process_threads(threads: int | None) -> Iterator[None]:
+    """Within the block, this process computes on ``threads`` threads: PyTorch's intra-op pool and
+    the BLAS and OpenMP pools of NumPy, SciPy and scikit-learn (k-means, the probes), which
+    otherwise start one thread per core in every process. Sweep workers share the cores between
+    them: a second pool per worker only makes the workers wait on each other. ``None`` leaves
+    every pool as it is. The previous sizes are given back afterwards."""
+    if not threads:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def seeded(seed: int, key: str) -> Iterator[None]:
     """Run a block (module construction) under the seed of stream ``key``; the global RNG
     state outside the block is left as it was."""

@@ -46,22 +46,17 @@ def _needs_run(store: Store, item: PlannedRun, retry_before: float) -> bool:
 
 def work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, Any]], None]) -> None:
     """Run every item not yet in the store and not claimed by another process (with the
-    worker's thread count, given back afterwards: a sweep run in-process leaves the caller's)."""
-    import torch
-
+    worker's thread count for PyTorch and the BLAS and OpenMP pools, given back afterwards: a sweep
+    run in-process leaves the caller's)."""
+    from benchmark.device import process_threads
     from benchmark.registry import PLUGINS_ENV, load_plugins
 
     if spec.plugins:  # a SLURM job on another node imports the submitter's plug-ins too
         named = [n for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
         os.environ[PLUGINS_ENV] = ",".join(dict.fromkeys([*named, *spec.plugins]))
     load_plugins()
-    previous = torch.get_num_threads()
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    try:
+    with process_threads(spec.threads):
         _work(items, spec, emit)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, Any]], None]) -> None:

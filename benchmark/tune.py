@@ -305,12 +305,12 @@ def _say(quiet: bool, msg: str) -> None:
 def _worker_main(storage_url: str, study_name: str, fixed: dict[str, Any], trials: int,
                  sampler_seed: int | None, quiet: bool) -> None:
     worker_init()  # dies with the parent; Ctrl-C is the parent's to handle
-    import torch
+    from benchmark.device import process_threads
 
-    torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, _interrupt)  # the parent ending us: give the trial back first
     try:
-        work(storage_url, study_name, fixed, trials, sampler_seed, quiet)
+        with process_threads(1):  # the study's workers share the cores: one thread each
+            work(storage_url, study_name, fixed, trials, sampler_seed, quiet)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -44,6 +44,36 @@ class MLPEncoder(nn.Module):
 SMALL_CNN_STRIDE_ABOVE = 32 * 32
 
 
+class _MeanOverPixels(torch.autograd.Function):
+    """``adaptive_avg_pool2d(x, 1)`` whose backward is a broadcast view of ``g / (H·W)``: the same
+    values the library's backward writes (a test pins it to the bit), without materialising them
+    in a layout that the ReLU backward before it must then read across (on the CPU, a SmallCNN's
+    last ReLU and pooling backward took 7 ms a batch of 64 on 128×5×13 features, 1.8 ms so)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.input_shape = x.shape
+        return nn.functional.adaptive_avg_pool2d(x, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = ctx.input_shape
+        return (grad / (h * w)).expand(n, c, h, w)
+
+
+class GlobalAvgPool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(1)`` (same output, same gradient); on the CPU in float32 its backward
+    is :class:`_MeanOverPixels`'s."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4:
+            return _MeanOverPixels.apply(x)
+        return super().forward(x)
+
+
 class SmallCNN(nn.Module):
     """Three conv blocks and global average pooling, for small images (C×H×W, e.g. 8×8 digits)
     and small spectrograms (the first convolution has stride 2 above 32×32 pixels)."""
@@ -58,12 +88,15 @@ class SmallCNN(nn.Module):
             layers += [
                 nn.Conv2d(c_in, c_out, 3, stride=first_stride if i == 0 else 1, padding=1, bias=False),
                 nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
             ]
+            # Max-pooling before the ReLU: both are monotone, so max(relu(x)) = relu(max(x)) and the
+            # gradients match to the bit (the pooling's winner gets the gradient when it is positive,
+            # nothing when it is not); the ReLU and its backward then touch a quarter of the values.
             if i < 2:
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            layers.append(nn.ReLU(inplace=True))
             c_in = c_out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [GlobalAvgPool(), nn.Flatten()]
         self.net = channels_last(nn.Sequential(*layers))
         self.out_dim = 4 * width
         self._two_d = len(spec.shape) == 2
@@ -87,7 +120,7 @@ class CGMNISTConvNet(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
                        nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [GlobalAvgPool(), nn.Flatten()]
         self.net = channels_last(nn.Sequential(*layers))
         self.out_dim = widths[-1]
         self._two_d = len(spec.shape) == 2
