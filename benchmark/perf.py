@@ -333,8 +333,10 @@ def data_wait(device: torch.device, epochs: int) -> list[str]:
 def perf_command(args: argparse.Namespace) -> int:
     """``python -m benchmark perf`` (its arguments: benchmark.commands)."""
     from benchmark.errors import UsageError
+    from benchmark.procs import keep_freed_memory
     from benchmark.registry import METHODS
 
+    keep_freed_memory()  # as every training process does (runner.execute): the floor's loop too
     device = pick_device(args.device)
     which = [s.strip() for s in args.settings.split(",") if s.strip()]
     if not which or any(s not in SETTINGS for s in which):

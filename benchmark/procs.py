@@ -20,6 +20,33 @@ from collections.abc import Iterable
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+# mallopt(3) parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+HEAP_MMAP_THRESHOLD = 32 << 20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
+HEAP_TRIM_THRESHOLD = 1 << 30
+HEAP_TOP_PAD = 64 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Let this process's allocator keep the memory a training step frees, for the next step.
+
+    A CPU training step allocates and frees the same few megabyte-sized tensors (activations,
+    their gradients) at every step. glibc's defaults serve a block that large with a fresh
+    ``mmap`` (or give the top of the heap back to the system once it is free), so every step
+    touches new pages and pays a page fault for each 4 KiB of them: on this suite's 2-core
+    virtual machine, a SmallCNN step on 1×40×101 spectrograms took 9,000 minor faults and
+    about 70 ms, and about 50 ms without them. Blocks up to 32 MiB now come from the heap, and
+    the heap is neither trimmed below 1 GiB of free top nor grown by less than 64 MiB. It changes
+    where memory comes from, never a value computed. glibc (Linux) only; True when applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl has no mallopt)
+        return False
+    return all(mallopt(param, value) == 1 for param, value in ((M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD),
+                                                              (M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD),
+                                                              (M_TOP_PAD, HEAP_TOP_PAD)))
 
 
 def start_workers(procs: Iterable[Any]) -> None:

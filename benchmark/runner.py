@@ -25,6 +25,7 @@ from benchmark.errors import DivergedError, UsageError
 from benchmark.files import check_writable_dir, current_umask, os_error_line, write_json_atomic  # noqa: F401  (re-exported)
 from benchmark.method import EvalOutput, Method, build_method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
+from benchmark.procs import keep_freed_memory
 from benchmark.models.encoders import encoder_factory
 from benchmark.record import Record, record_name
 from benchmark.trainer import Trainer
@@ -253,6 +254,7 @@ def execute(run: PreparedRun, log: Callable[[str], None] | None = None,
     if (cfg.log or cfg.save_checkpoint) and not writes_outputs and log is not None:
         log("note: log and save_checkpoint are applied by `run` and `sweep` (runner.execute_with_outputs); "
             "this run writes no tracking logs and no checkpoint")
+    keep_freed_memory()  # every process that trains: run, sweep workers, SLURM jobs, tuning trials
     set_determinism(run.device)
     seed_everything(cfg.seed)
     if run.device.type == "cuda":

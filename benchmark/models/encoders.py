@@ -45,10 +45,11 @@ SMALL_CNN_STRIDE_ABOVE = 32 * 32
 
 
 class _MeanOverPixels(torch.autograd.Function):
-    """``adaptive_avg_pool2d(x, 1)`` whose backward is a broadcast view of ``g / (H·W)``: the same
-    values the library's backward writes (a test pins it to the bit), without materialising them
-    in a layout that the ReLU backward before it must then read across (on the CPU, a SmallCNN's
-    last ReLU and pooling backward took 7 ms a batch of 64 on 128×5×13 features, 1.8 ms so)."""
+    """``adaptive_avg_pool2d(x, 1)`` (which the library computes as a mean over H and W) whose
+    backward is a broadcast view of ``g / (H·W)``. The library's backward expands ``g`` and then
+    divides: the same values (a test pins them to the bit), but written out in full in a layout
+    that the ReLU backward before it must read across. On the CPU, a SmallCNN's last ReLU and
+    pooling backward took 7 ms a batch of 64 on 128×5×13 features, and 1.8 ms so."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:

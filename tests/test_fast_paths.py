@@ -1,0 +1,108 @@
+"""The suite's faster paths compute what the plain ones do, to the bit: SmallCNN's max-pooling
+before its ReLU, the global average pool's backward, the probes' single BLAS thread and the
+thread pools a sweep worker sizes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from threadpoolctl import threadpool_info, threadpool_limits
+from torch import nn
+from torch.nn import functional as F
+
+from benchmark.data.base import ModalitySpec
+from benchmark.device import process_threads
+from benchmark.metrics import linear_probe_predictions
+from benchmark.models.encoders import CGMNISTConvNet, GlobalAvgPool, SmallCNN
+
+
+def _relu_first(encoder: nn.Module) -> nn.Sequential:
+    """The same layers, and the same weights, in the textbook order conv → BN → ReLU → pool, with
+    the library's own global average pool."""
+    layers = list(copy.deepcopy(encoder.net))
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    layers = [nn.AdaptiveAvgPool2d(1) if isinstance(m, GlobalAvgPool) else m for m in layers]
+    return nn.Sequential(*layers)
+
+
+def _step(net: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list]:
+    out = net(x)
+    loss = F.cross_entropy(head(out), y)
+    params = [*net.parameters(), *head.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    return out.detach(), [g.detach() for g in grads]
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 101), (3, 28, 28), (1, 8, 8), (2, 7, 9)])
+def test_small_cnn_pools_before_its_relu_with_the_same_outputs_and_gradients(shape) -> None:
+    torch.manual_seed(0)
+    encoder = SmallCNN(ModalitySpec("m", "image", shape, "small_cnn"))
+    kinds = [type(m).__name__ for m in encoder.net]
+    assert kinds.count("MaxPool2d") == 2 and kinds.index("MaxPool2d") < kinds.index("ReLU")
+    reference = _relu_first(encoder)
+    head = nn.Linear(encoder.out_dim, 5)
+    x = torch.randn(16, *shape).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (16,))
+    for train in (True, False):  # batch statistics, then running statistics
+        encoder.train(train)
+        reference.train(train)
+        got, got_grads = _step(encoder.net, head, x, y)
+        want, want_grads = _step(reference, head, x, y)
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+        # the running statistics moved identically too
+        assert all(torch.equal(a, b) for a, b in zip(encoder.net.buffers(), reference.buffers()))
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 5, 13), (8, 128, 4, 4), (3, 7, 1, 1), (5, 32, 10, 26), (2, 3, 7, 9)])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_global_average_pool_matches_the_library_to_the_bit(shape, layout) -> None:
+    torch.manual_seed(1)
+    x = (3 * torch.randn(shape)).contiguous(memory_format=layout)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = GlobalAvgPool()(torch.relu(a)), F.adaptive_avg_pool2d(torch.relu(b), 1)
+    assert got.shape == want.shape == (shape[0], shape[1], 1, 1)
+    assert torch.equal(got, want)
+    g = 5 * torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_global_average_pool_falls_back_to_the_library_off_the_fast_path() -> None:
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    out = GlobalAvgPool()(x)
+    assert out.grad_fn is not None and "MeanOverPixels" not in type(out.grad_fn).__name__
+    fast = GlobalAvgPool()(torch.randn(2, 3, 4, 5, requires_grad=True))
+    assert "MeanOverPixels" in type(fast.grad_fn).__name__
+    assert isinstance(CGMNISTConvNet(ModalitySpec("m", "image", (1, 28, 28), "small_cnn")).net[-2], GlobalAvgPool)
+
+
+def test_the_probe_gives_the_same_predictions_whatever_the_blas_threads() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 600)
+    train = torch.from_numpy(rng.standard_normal((600, 64)).astype(np.float32) + 0.3 * y[:, None])
+    test = torch.from_numpy(rng.standard_normal((200, 64)).astype(np.float32))
+    with threadpool_limits(limits=1):
+        one = linear_probe_predictions(train, torch.from_numpy(y), test)
+    with threadpool_limits(limits=2):
+        two = linear_probe_predictions(train, torch.from_numpy(y), test)
+    assert np.array_equal(one, two)
+    assert 0.3 < np.mean(linear_probe_predictions(train, torch.from_numpy(y), train) == y) <= 1.0
+
+
+def test_process_threads_sizes_every_pool_and_gives_them_back() -> None:
+    before_torch = torch.get_num_threads()
+    before = {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpool_info()}
+    with process_threads(1):
+        assert torch.get_num_threads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info())
+    assert torch.get_num_threads() == before_torch
+    assert {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpool_info()} == before
+    with process_threads(None):  # no thread count: nothing changes
+        assert torch.get_num_threads() == before_torch
