@@ -5,6 +5,9 @@ thread pools a sweep worker sizes."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -106,3 +109,30 @@ def test_process_threads_sizes_every_pool_and_gives_them_back() -> None:
     assert {(p["internal_api"], p["filepath"]): p["num_threads"] for p in threadpool_info()} == before
     with process_threads(None):  # no thread count: nothing changes
         assert torch.get_num_threads() == before_torch
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_training_process_reuses_freed_memory_without_page_faults() -> None:
+    """After ``keep_freed_memory`` a process that allocates, writes and frees 40 MiB of blocks
+    again and again (as a training step does) takes its pages from what it freed. With glibc's
+    defaults the freed top of the heap goes back to the system and every page faults again
+    (163,200 faults for this loop on the machine that wrote the test)."""
+    script = textwrap.dedent("""
+        import resource, torch
+        from benchmark.procs import keep_freed_memory
+        applied = keep_freed_memory()
+        def step():
+            a, b, c = torch.ones(4 << 20), torch.ones(4 << 20), torch.ones(2 << 20)  # 16 + 16 + 8 MiB, written
+            del a, b, c
+        for _ in range(3):
+            step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            step()
+        print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    applied, faults = out.stdout.split()
+    assert applied == "True"
+    pages = 20 * (40 << 20) // 4096
+    assert int(faults) < pages // 10, f"{faults} page faults for {pages} pages written"
