@@ -21,7 +21,7 @@ from benchmark.runner import execute, prepare
 from benchmark.trainer import Trainer
 from udi.club import club_upper_bound
 from udi.controller import DynamicController, inner_product
-from udi.method import UDI, FollowerPhase
+from udi.method import UDI, FollowerPhase, guide_key
 
 REFERENCE = Path(__file__).parent / "data" / "udi_anchor_guidance_reference.json"
 
@@ -315,3 +315,46 @@ def test_progressive_steps_never_wait_for_the_device_outside_the_controller(tiny
             assert calls and all("controller.py" in c for c in calls), calls
         else:
             assert calls == [], calls
+
+
+# --- the frozen guides' outputs, stored once ------------------------------------------------------
+@pytest.mark.parametrize("guidance", ["progressive", "anchor"])
+def test_stored_guide_outputs_give_the_run_of_guides_run_at_every_step(tiny: dict, guidance: str, monkeypatch) -> None:
+    """A follower's steps read its frozen guides' logits and features from the training split
+    (computed once per follower); the run is the one in which the guides run at every step, to
+    the bit: losses, controller weights, accuracies."""
+    items = _udi(tiny, modalities=3, guidance=guidance, controller_task="fused_ce")
+    stored = execute(prepare(build_config(items)))
+    seen: list[int] = []
+    original = FollowerPhase.guided_train_split
+
+    def computed(self: FollowerPhase) -> None:
+        split = original(self)
+        assert split is not None and len(split) == len(self.trainer.data.splits["train"])
+        seen.append(len(self.guides))
+        return None  # the guides run at every step
+
+    monkeypatch.setattr(FollowerPhase, "guided_train_split", computed)
+    plain = execute(prepare(build_config(items)))
+    assert seen == ([1, 2] if guidance == "progressive" else [1, 1])
+    keys = ("stage", "epoch", "train_loss", "train_cls", "train_con", "train_com", "lambda_con", "lambda_com",
+            "val_accuracy")
+    assert [[r.get(k) for k in keys] for r in stored["history"]] == [[r.get(k) for k in keys] for r in plain["history"]]
+    assert stored["metrics"]["accuracy"] == plain["metrics"]["accuracy"]
+
+
+def test_the_guided_split_holds_each_guides_outputs_beside_the_inputs(tiny: dict) -> None:
+    method, trainer = _phase1(_udi(tiny, modalities=3))
+    _train_first_follower(method, trainer)
+    phase = FollowerPhase(method, trainer, method.followers[1])
+    split = phase.train_split
+    train = trainer.data.splits["train"]
+    assert set(split.inputs) == set(train.inputs) | {guide_key(g, w) for g in phase.guides for w in ("logits", "features")}
+    assert torch.equal(split.labels, train.labels)
+    with torch.no_grad():
+        for g in phase.guides:
+            unit = method.model.units[g].eval()
+            z, f = unit(train.inputs[g][:64])  # the first batch, as the split was filled
+            assert torch.equal(split.inputs[guide_key(g, "logits")][:64], z)
+            assert torch.equal(split.inputs[guide_key(g, "features")][:64], f)
+    assert phase.stage().train_split is split

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.config import opt
+from benchmark.data.base import TensorSplit
 from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
 from benchmark.late_fusion import FUSION_RULES, fuse
@@ -157,6 +158,11 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def guide_key(guide: str, what: str) -> str:
+    """The batch key of a frozen guide's stored ``logits`` or ``features``."""
+    return f"udi.guide/{guide}/{what}"
+
+
 class FollowerPhase:
     """The training of one follower against its frozen guides (the anchor alone, or with
     ``guidance=progressive`` the anchor and every follower trained before it): its model, one CLUB
@@ -191,6 +197,43 @@ class FollowerPhase:
                            if self.mode == "dynamic" else None)
         self.controller_seconds = 0.0
         self.frozen = [self.anchor] + [method.model.units[f] for f in method.trained_followers]
+        self.train_split = self.guided_train_split()
+
+    # --- the frozen guides' outputs, computed once ------------------------------------------
+    def guided_train_split(self) -> TensorSplit | None:
+        """The training split with every guide's logits and features stored beside the inputs
+        (under :func:`guide_key`), so that a step reads them instead of running the frozen guides
+        again: they are in eval mode with their weights fixed, so each sample's outputs never
+        change. Computed in eval mode in batches of ``batch_size`` (each sample's outputs do not
+        depend on the batch around it; a test pins them to the bit). Only for a split held in
+        memory, on the CPU in full precision (where the guides' forward is a large part of a
+        step); None otherwise, and the guides run at every step as before."""
+        trainer = self.trainer
+        train = trainer.data.splits["train"]
+        if not isinstance(train, TensorSplit) or trainer.device.type != "cpu" or trainer.dtype is not None:
+            return None
+        outputs: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for module in self.guide_models.values():
+                module.eval()
+            for batch in trainer.batches(train, shuffle=False, batch_size=self.method.cfg.batch_size):
+                for g, model in self.guide_models.items():
+                    z, f = model(batch[g])
+                    outputs.setdefault(guide_key(g, "logits"), []).append(z)
+                    outputs.setdefault(guide_key(g, "features"), []).append(f)
+        return TensorSplit({**train.inputs, **{k: torch.cat(v) for k, v in outputs.items()}}, train.labels)
+
+    def guide_outputs(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, features) of each guide on ``batch``: stored in it (:meth:`guided_train_split`),
+        else computed."""
+        out = []
+        for g, model in self.guide_models.items():
+            if guide_key(g, "logits") in batch:
+                out.append((batch[guide_key(g, "logits")], batch[guide_key(g, "features")]))
+            else:
+                with torch.no_grad():
+                    out.append(model(batch[g]))
+        return out
 
     def _add_estimator(self, guide: str) -> None:
         """q_φ for the pair (guide, follower), with its own optimizer. The anchor's estimator keeps
@@ -263,8 +306,7 @@ class FollowerPhase:
     def step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         opts = self.method.options
         y = batch["label"]
-        with torch.no_grad():
-            guided = [self.guide_models[g](batch[g]) for g in self.guides]
+        guided = self.guide_outputs(batch)
         z_m, f_m = self.follower(batch[self.modality])
         cls = F.cross_entropy(z_m, y)
         z_guides = [z for z, _ in guided]
@@ -292,7 +334,10 @@ class FollowerPhase:
         units = [self.anchor_name, *self.method.trained_followers, self.modality]
         models = {m: self.method.model.units[m] for m in units}
         models[self.modality] = self.follower
-        return fuse([models[m](batch[m])[0] for m in units], self.method.options.fusion_rule)
+        # the BatchNorm recalibration passes over the guided training split: its guides' logits
+        # are stored in the batch (validation batches hold none)
+        return fuse([batch[guide_key(m, "logits")] if guide_key(m, "logits") in batch else models[m](batch[m])[0]
+                     for m in units], self.method.options.fusion_rule)
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         for module in self.frozen:  # the loop sets only the follower to train mode; keep these in eval
@@ -317,7 +362,7 @@ class FollowerPhase:
         fields: dict[str, Any] = dict(
             name=f"udi:follower:{self.modality}", module=self.follower, step=self.step, predict=self.predict,
             seed_key=seed_key(self.modality), on_epoch_start=self.on_epoch_start, epoch_log=self.epoch_log,
-            modalities=[self.modality],
+            modalities=[self.modality], train_split=self.train_split,
         )
         fields.update(overrides)
         return Stage(**fields)
