@@ -25,8 +25,8 @@ from benchmark.errors import DivergedError, UsageError
 from benchmark.files import check_writable_dir, current_umask, os_error_line, write_json_atomic  # noqa: F401  (re-exported)
 from benchmark.method import EvalOutput, Method, build_method, create_method, options_of
 from benchmark.metrics import accuracy, linear_probe_accuracy, macro_f1
-from benchmark.procs import keep_freed_memory
 from benchmark.models.encoders import encoder_factory
+from benchmark.procs import keep_freed_memory
 from benchmark.record import Record, record_name
 from benchmark.trainer import Trainer
 

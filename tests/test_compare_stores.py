@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _record(key: str) -> dict:
     return {"key": key, "status": "ok", "dataset": "synthetic", "method": "joint", "seed": 0,
-            "sweep": {"label": "joint"}, "method_record": {"unimodal": {"m0": {"checkpoint": "/a/x.pt", "val": 1}}},
+            "sweep": {"label": "joint"}, "method_record": {"unimodal": {"m0": {"checkpoint": "/a/x.pt", "val": 1}},
+                                                           "estimates": [{"weights": [0.5, 0.5], "seconds": 1.0}],
+                                                           "copy_seconds": 1.0},
             "history": [{"epoch": 0, "val_accuracy": 0.5, "epoch_seconds": 1.0}],
             "metrics": {"accuracy": 0.75, "val_accuracy": 0.5, "macro_f1": 0.7, "probe_accuracy": {"m0": 0.6},
                         "unimodal_accuracy": {}, "diagnostics": {"shapley": {"m0": 0.2}, "noise_accuracy": {},
@@ -39,10 +41,13 @@ def test_identical_records_pass_and_any_change_fails(tmp_path):
     moved = _record("k1")
     moved["history"][0]["epoch_seconds"] = 9.0
     moved["method_record"]["unimodal"]["m0"]["checkpoint"] = "/b/y.pt"
+    moved["method_record"]["estimates"][0]["seconds"] = 3.0
+    moved["method_record"]["copy_seconds"] = 3.0
     done = _compare(_store(tmp_path / "same", [moved]), ref)
     assert done.returncode == 0 and "1 of 1 records identical" in done.stdout
     for path, value in ((("metrics", "accuracy"), 0.7500001), (("history", 0, "val_accuracy"), 0.51),
-                        (("metrics", "diagnostics", "shapley", "m0"), 0.21)):
+                        (("metrics", "diagnostics", "shapley", "m0"), 0.21),
+                        (("method_record", "estimates", 0, "weights"), [0.4, 0.6])):
         changed = copy.deepcopy(_record("k1"))
         target = changed
         for part in path[:-1]:

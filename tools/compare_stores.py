@@ -27,8 +27,11 @@ def _timeless(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _pathless(value: Any) -> Any:
+    """Method facts without file paths and timings (``checkpoint``, ``seconds``, ``*_seconds``:
+    G-Blending's estimates and D&R's diagnoses time themselves), which say nothing of what was computed."""
     if isinstance(value, dict):
-        return {k: _pathless(v) for k, v in value.items() if k != "checkpoint"}
+        return {k: _pathless(v) for k, v in value.items()
+                if k not in ("checkpoint", "seconds") and not k.endswith("_seconds")}
     if isinstance(value, list):
         return [_pathless(v) for v in value]
     return value
