@@ -223,17 +223,19 @@ class FollowerPhase:
                     outputs.setdefault(guide_key(g, "features"), []).append(f)
         return TensorSplit({**train.inputs, **{k: torch.cat(v) for k, v in outputs.items()}}, train.labels)
 
+    @staticmethod
+    def unit_outputs(batch: Batch, modality: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) of ``modality``'s unit on ``batch``: stored in the batch when it comes
+        from the guided training split (:meth:`guided_train_split`) and the unit is a guide, else
+        computed."""
+        if guide_key(modality, "logits") in batch:
+            return batch[guide_key(modality, "logits")], batch[guide_key(modality, "features")]
+        return model(batch[modality])
+
     def guide_outputs(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(logits, features) of each guide on ``batch``: stored in it (:meth:`guided_train_split`),
-        else computed."""
-        out = []
-        for g, model in self.guide_models.items():
-            if guide_key(g, "logits") in batch:
-                out.append((batch[guide_key(g, "logits")], batch[guide_key(g, "features")]))
-            else:
-                with torch.no_grad():
-                    out.append(model(batch[g]))
-        return out
+        """(logits, features) of each guide on ``batch`` (no gradient: the guides are frozen)."""
+        with torch.no_grad():
+            return [self.unit_outputs(batch, g, model) for g, model in self.guide_models.items()]
 
     def _add_estimator(self, guide: str) -> None:
         """q_φ for the pair (guide, follower), with its own optimizer. The anchor's estimator keeps
@@ -334,10 +336,9 @@ class FollowerPhase:
         units = [self.anchor_name, *self.method.trained_followers, self.modality]
         models = {m: self.method.model.units[m] for m in units}
         models[self.modality] = self.follower
-        # the BatchNorm recalibration passes over the guided training split: its guides' logits
-        # are stored in the batch (validation batches hold none)
-        return fuse([batch[guide_key(m, "logits")] if guide_key(m, "logits") in batch else models[m](batch[m])[0]
-                     for m in units], self.method.options.fusion_rule)
+        # the BatchNorm recalibration passes over the guided training split, whose batches hold the
+        # guides' logits (validation batches hold none)
+        return fuse([self.unit_outputs(batch, m, models[m])[0] for m in units], self.method.options.fusion_rule)
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         for module in self.frozen:  # the loop sets only the follower to train mode; keep these in eval
