@@ -30,7 +30,9 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
         description="Run every run of sweep NAME that the store lacks, over --jobs workers. A killed "
                     "sweep resumes where it stopped; several sweep processes may share one store.",
     )
-    p.add_argument("name", help=f"a packaged sweep ({', '.join(list_sweeps())}) or the path of a .toml file")
+    p.add_argument("name", nargs="+",
+                   help=f"a packaged sweep ({', '.join(list_sweeps())}) or the path of a .toml file; several "
+                        "run as one grid over one pool of workers (a run that two of them share runs once)")
     p.add_argument("--store", default=None,
                    help=f"result store folder; its parent must exist [{DEFAULT_STORE}; with --smoke a "
                         "temporary folder]")
@@ -100,11 +102,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         default_placement,
         load_sweep,
         load_tuned,
-        plan_sweep,
+        plan_sweeps,
         run_plan,
     )
 
-    spec = load_sweep(args.name)
+    specs = [load_sweep(name) for name in args.name]
     filters = Filters(_split_list(args.dataset), _split_list(args.method), _ints(args.seed, "--seed"),
                       list(args.label), _assignments(args.where, "--where"))
     if args.jobs is not None and args.jobs < 1:
@@ -122,7 +124,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     slurm_options = _assignments(args.slurm_opt, "--slurm-opt")
     tuned = load_tuned(args.tuned)
     store = Store(args.store or DEFAULT_STORE)
-    plan = plan_sweep(spec, store, filters, smoke, tuned)  # every value checked before the store is touched
+    plan = plan_sweeps(specs, store, filters, smoke, tuned)  # every value checked before the store is touched
+    spec = plan.sweep
     if args.slurm:
         from benchmark.sweep import check_slurm
 

@@ -135,12 +135,40 @@ class Stage:
         return [p for p in params if p.requires_grad]
 
 
+def fused_on_cpu(params: list[nn.Parameter]) -> dict[str, bool]:
+    """``{"fused": True}`` when every parameter is a float32/float64 tensor on the CPU, else ``{}``.
+
+    PyTorch's default optimiser step on the CPU loops over the parameters in Python, several small
+    operations each; the fused step is one kernel per parameter (on a 3-modality MLP, UDI's
+    follower phase with its CLUB estimators' Adam steps took ≈ 0.75× the time). The update is the
+    same formula, rounded differently in the last bits (a test bounds the difference to the
+    library's default step). On accelerators the library's default (foreach) is kept."""
+    ok = bool(params) and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)
+    return {"fused": True} if ok else {}
+
+
+def zero_momentum(sgd: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer before the first step. The fused step refuses a
+    step in which some parameters have a buffer and others none yet (MLA steps one encoder at a time,
+    MMPareto and others leave parts without gradient); without dampening, a zero buffer's first
+    update, 0·μ + g, is g to the bit, which is the buffer the library starts from."""
+    for group in sgd.param_groups:
+        if group.get("dampening", 0) or group.get("nesterov"):
+            continue
+        for p in group["params"]:
+            sgd.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    fused = fused_on_cpu(params)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        sgd = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+        if fused and cfg.momentum:
+            zero_momentum(sgd)
+        return sgd
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def shared_search_space(trial: Any) -> dict[str, Any]:

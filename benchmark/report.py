@@ -36,7 +36,7 @@ from benchmark.errors import UsageError
 from benchmark.files import check_parent, check_writable_dir, os_error_line
 from benchmark.report_args import DESCRIPTION, add_arguments
 from benchmark.report_diagnostics import cost_section, diagnostics_section
-from benchmark.report_plot import FIGURE_FORMATS, dot_interval
+from benchmark.report_plot import FIGURE_FORMATS, dot_interval, figure_workers, save_figure
 from benchmark.report_stats import CI_KIND, holm, paired_gap, paired_interval, t_interval
 from benchmark.store import Store
 
@@ -294,12 +294,9 @@ def make_figures(dataset: str, df: pd.DataFrame, out: Path, baseline: str = "") 
     labels = sorted(df["label"].unique(), key=lambda lab: _order_key(lab, df[df["label"] == lab]["method"].iloc[0]))
 
     def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        for fmt in FIGURE_FORMATS:
-            path = out / f"{dataset}-{name}.{fmt}"
-            fig.savefig(path, dpi=120)
-            written.append(path)
-        plt.close(fig)
+        paths = [out / f"{dataset}-{name}.{fmt}" for fmt in FIGURE_FORMATS]
+        save_figure(fig, paths, dpi=120)
+        written.extend(paths)
 
     height = 0.32 * len(labels) + 1.2
     fig, ax = plt.subplots(figsize=(7, height))
@@ -398,10 +395,17 @@ def _check_readme(readme: Path) -> None:
 
 
 def write_report(store_dir: Path, out: Path | None = None, readme: Path | None = None, figures: bool = True,
-                 baseline: str = "", smoke: bool | None = None) -> list[Path]:
+                 baseline: str = "", smoke: bool | None = None, figure_processes: int | None = None) -> list[Path]:
     """Write every table and figure of the records under ``store_dir`` into ``out`` (default: a
     ``reports/`` folder beside the store); rewrite ``readme``'s results section when given.
-    ``baseline``: the row the others are compared with (default: the reference method)."""
+    ``baseline``: the row the others are compared with (default: the reference method).
+    ``figure_processes``: processes that draw the figures (default: one per core, at most 4)."""
+    with figure_workers(figure_processes if figures else 1):
+        return _write_report(store_dir, out, readme, figures, baseline, smoke)
+
+
+def _write_report(store_dir: Path, out: Path | None, readme: Path | None, figures: bool, baseline: str,
+                  smoke: bool | None) -> list[Path]:
     baseline = baseline or method_facts.reference_method()
     # PDFs carry no creation time, so the same records give the same files, byte for byte
     os.environ.setdefault("SOURCE_DATE_EPOCH", "0")

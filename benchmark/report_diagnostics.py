@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark import method_facts
+from benchmark.report_plot import save_figure
 
 
 def diagnostics_frame(records: Iterable[dict[str, Any]], dataset: str) -> pd.DataFrame:
@@ -186,13 +187,10 @@ def _figures(frame: pd.DataFrame, dataset: str, folder: Path, modalities: list[s
     written: list[Path] = []
 
     def save(fig: Any, name: str, tight: bool = True) -> None:
-        if tight:
-            fig.tight_layout()
-        for fmt in ("png", "pdf"):  # raster for the Markdown, vector for print
-            path = folder / f"{dataset}-{name}.{fmt}"
-            fig.savefig(path, dpi=120, bbox_inches="tight")  # the legends outside the axes included
-            written.append(path)
-        plt.close(fig)
+        # raster for the Markdown, vector for print; the legends outside the axes included
+        paths = [folder / f"{dataset}-{name}.{fmt}" for fmt in ("png", "pdf")]
+        save_figure(fig, paths, tight=tight, dpi=120, bbox_inches="tight")
+        written.extend(paths)
 
     labels = _ordered(frame, order)
     phi = pd.DataFrame([{"label": r.label, "modality": m, "phi": d["shapley"][m] * 100}

@@ -69,6 +69,7 @@ from benchmark.sweep_plan import (
     _tuned_budget_note,
     load_tuned,
     plan_sweep,
+    plan_sweeps,
 )
 from benchmark.sweep_progress import (
     Progress,
@@ -123,6 +124,7 @@ __all__ = [
     "_tuned_budget_note",
     "_DataCache",
     "plan_sweep",
+    "plan_sweeps",
     "_selected",
     "WorkerSpec",
     "_needs_run",

@@ -3,6 +3,7 @@ work order (unimodal models first)."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import itertools
 import json
@@ -194,6 +195,36 @@ class _DataCache:
             data = create_dataset(name, options)
             self.loaded[key] = self.smoke.apply(data) if self.smoke else data
         return self.loaded[key]
+
+
+def plan_sweeps(specs: list[SweepSpec], store: Store, filters: Filters | None = None,
+                smoke: Smoke | None = None, tuned: dict | None = None) -> Plan:
+    """One plan for several sweeps: their runs in the order given, each run once (a run two sweeps
+    share has one key; the first sweep's label names it, as when the sweeps run one after the
+    other). A filter that selects none of one sweep's runs leaves that sweep out with a note; one
+    that selects no run of any of them is an error."""
+    if len(specs) == 1:
+        return plan_sweep(specs[0], store, filters, smoke, tuned)
+    plans, refused = [], []
+    for spec in specs:
+        try:
+            plans.append(plan_sweep(spec, store, filters, smoke, tuned))
+        except UsageError as exc:
+            if not str(exc).startswith(("filter --", "filters ")):
+                raise
+            refused.append(str(exc))
+    if not plans:
+        raise UsageError(refused[0])
+    runs: dict[str, PlannedRun] = {}
+    for plan in plans:
+        for run in plan.runs:
+            runs.setdefault(run.key, run)
+    name = "+".join(spec.name for spec in specs)
+    merged = dataclasses.replace(plans[0].sweep, name=name, source=", ".join(p.sweep.source for p in plans),
+                                 description="; ".join(p.sweep.description for p in plans))
+    notes = [note for plan in plans for note in plan.notes] + [f"left out: {why}" for why in refused]
+    return Plan(merged, list(runs.values()), list(dict.fromkeys(notes)), smoke,
+                [why for plan in plans for why in plan.left_out])
 
 
 def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,

@@ -155,6 +155,32 @@ def test_bad_input_messages_name_the_problem(tmp_path, capsys):
     assert "match no run" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
 
 
+def test_several_sweeps_plan_as_one_grid_with_shared_runs_once(tmp_path, capsys):
+    from benchmark.sweep import plan_sweeps
+
+    first = load_sweep(str(write_sweep(tmp_path, GRID, seeds="[0]", name="first")))
+    second = load_sweep(str(write_sweep(tmp_path, "[methods.joint]\n[methods.mla]\n", seeds="[0]", name="second")))
+    store = Store(tmp_path / "s")
+    a, b = plan_sweep(first, store), plan_sweep(second, store)
+    merged = plan_sweeps([first, second], store)
+    shared = {r.key for r in a.runs} & {r.key for r in b.runs}
+    assert len(shared) == 1  # joint, in both
+    assert [r.key for r in merged.runs] == [r.key for r in a.runs] + [r.key for r in b.runs if r.key not in shared]
+    assert merged.sweep.name == f"{first.name}+{second.name}"
+    # a filter that selects none of one sweep's runs leaves that sweep out, with a note
+    only_mla = plan_sweeps([first, second], store, Filters(methods=["mla"]))
+    assert [r.method for r in only_mla.runs] == ["mla"] and any("left out" in n for n in only_mla.notes)
+    with pytest.raises(UsageError, match="no method"):
+        plan_sweeps([first, second], store, Filters(methods=["agm"]))
+    # one command, one pool: each run once, the shared one under the first sweep's label
+    out = tmp_path / "store"
+    assert main(["sweep", str(tmp_path / "first.toml"), str(tmp_path / "second.toml"), "--store", str(out),
+                 "--jobs", "1", "--no-live"]) == 0
+    recs = [read_record(p) for p in records(out)]
+    assert len(recs) == len(merged.runs) == 7 and all(r["status"] == "ok" for r in recs)
+    assert f"sweep {first.name}+{second.name}: 7 runs" in capsys.readouterr().out
+
+
 # --- running ----------------------------------------------------------------------------------------
 def test_sweep_runs_skips_what_it_has_and_records_nan_runs_as_failed(tmp_path, capsys):
     body = GRID.replace("[methods.joint]", '[methods.joint]\nvariants = [{}, { lr = 1e10, label = "joint lr=1e10" }]')

@@ -31,7 +31,7 @@ from benchmark.device import derive_seed, seeded
 from benchmark.errors import UsageError
 from benchmark.late_fusion import FUSION_RULES, fuse
 from benchmark.losses import entropy, js_divergence
-from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext, shared_search_space
+from benchmark.method import Batch, EvalOutput, Method, Stage, StepContext, fused_on_cpu, shared_search_space
 from benchmark.registry import register_method
 from benchmark.trainer import Trainer
 from benchmark.unimodal import UnimodalModel, build_unimodal, seed_key, train_unimodal, unimodal_eval
@@ -247,10 +247,11 @@ class FollowerPhase:
         with seeded(cfg.seed, key):
             club = CLUBEstimator(x_dim, y_dim, opts.club_hidden)
         club.to(self.device)
+        params = list(club.parameters())
         if opts.club_optimizer == "adam":
-            optimizer: torch.optim.Optimizer = torch.optim.Adam(club.parameters(), lr=opts.club_lr)
+            optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=opts.club_lr, **fused_on_cpu(params))
         else:
-            optimizer = torch.optim.SGD(club.parameters(), lr=opts.club_lr, momentum=0.9)
+            optimizer = torch.optim.SGD(params, lr=opts.club_lr, momentum=0.9, **fused_on_cpu(params))
         self.clubs.append(club)
         self.club_opts.append(optimizer)
 

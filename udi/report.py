@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.report_plot import dot_interval
+from benchmark.report_plot import dot_interval, save_figure
 from benchmark.report_stats import CI_KIND
 
 # Options that must hold their default for a record to be a cell of Tables 2-4 (the defaults of
@@ -248,11 +248,9 @@ def controller_figure(name: str, trace: pd.DataFrame, out: Path, slug: str) -> P
     sns.lineplot(trace, x="epoch", y="train_com", hue="follower", errorbar="sd", ax=axes[2])
     axes[2].set(ylabel="CLUB bound (nats, epoch mean)", title="L_com")
     fig.suptitle(f"{name}: UDI dynamic controller (anchor auto; mean ± sd over seeds)")
-    fig.tight_layout()
     path = out / f"{slug}-udi-controller.png"
-    fig.savefig(path, dpi=120)
-    fig.savefig(path.with_suffix(".pdf"))  # a vector copy for print, beside the PNG the Markdown shows
-    plt.close(fig)
+    # a vector copy for print beside the PNG the Markdown shows
+    save_figure(fig, [(path, {"dpi": 120}), path.with_suffix(".pdf")])
     return path
 
 
