@@ -1,4 +1,6 @@
-"""Metrics of a finished run: accuracy, macro-F1, unimodal accuracies, linear probes."""
+"""Metrics of a finished run: accuracy, macro-F1, unimodal accuracies, linear probes.
+(scikit-learn is imported where it is used: a process that plans a sweep or reads records does
+not pay for it.)"""
 
 from __future__ import annotations
 
@@ -6,10 +8,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 
@@ -19,6 +17,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    from sklearn.metrics import f1_score
+
     preds = logits.argmax(dim=1).numpy()
     return float(f1_score(labels.numpy(), preds, average="macro", labels=list(range(num_classes)),
                           zero_division=0))
@@ -32,6 +32,10 @@ def linear_probe_predictions(train_x: torch.Tensor, train_y: torch.Tensor, test_
     (samples × feature size × classes), so a second thread only adds synchronisation (on 2 cores, a
     1259 × 128 probe took 1.87 s with two threads and 0.20 s with one), and the probe's result no
     longer depends on the thread count."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     with threadpool_limits(limits=1, user_api="blas"):
         scaler = StandardScaler().fit(train_x.numpy())
         clf = LogisticRegression(max_iter=1000, C=1.0)

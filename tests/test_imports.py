@@ -86,3 +86,17 @@ def test_the_cycle_finder_finds_a_cycle_through_a_deferred_import(tmp_path):
     (tmp_path / "y.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\n")
     graph = import_graph({"x": tmp_path / "x.py", "y": tmp_path / "y.py"})
     assert graph == {"x": {"y"}, "y": {"x"}} and cycles(graph) == [["x", "y"]]
+
+
+def test_planning_a_run_imports_neither_torchvision_nor_scikit_learn() -> None:
+    """A process that plans a sweep or starts a worker imports the runner; torchvision (only the
+    ResNet18 encoders need it) and scikit-learn (the probes and macro-F1, after training) cost it
+    a second or more each, so they are imported where they are used."""
+    import subprocess
+    import sys
+
+    script = ("import sys, benchmark.runner, benchmark.sweep; "
+              "print(sorted(m for m in ('torchvision', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 
 from benchmark.data.base import ModalitySpec
 from benchmark.errors import UsageError
@@ -133,6 +132,9 @@ class CGMNISTConvNet(nn.Module):
 
 
 def _resnet18_trunk(in_channels: int) -> nn.Module:
+    # imported here: torchvision costs every process that imports the encoders a second or more
+    from torchvision.models import resnet18
+
     net = resnet18(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
