@@ -214,6 +214,10 @@ class Method:
     # from the named streams of that method (e.g. "joint": the same encoders and batches as joint
     # for a seed); None: its own.
     shares_streams_with: ClassVar[str | None] = None
+    # Options that only choose, during the run, between computations the grid may hold anyway (UDI's
+    # ``method.anchor``: auto resolves to one of the modalities): two planned runs that differ in
+    # these alone may be the same computation; :meth:`same_run_facts` says when.
+    resolved_options: ClassVar[tuple[str, ...]] = ()
     # --- report and perf facts (read by benchmark.report and benchmark.perf, which name no method)
     # These are the class's own: a subclass does not inherit them (OGM-GE is no reference because
     # it extends joint); read them with :meth:`fact`.
@@ -349,6 +353,14 @@ class Method:
         if stage.module is not self.model:
             return None
         return self.eval_forward(batch).unimodal
+
+    @classmethod
+    def same_run_facts(cls, record: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any] | None:
+        """Given the ok ``record`` of a finished run of this method and the resolved ``assignments``
+        of another planned run that differs from it only in :attr:`resolved_options`: the
+        ``method_record`` entries that run would record differently if it is the same computation
+        (its weights, metrics and history would be those of ``record`` to the bit), else None."""
+        return None
 
     def stream(self, purpose: str = "") -> str:
         """The name of the seed stream this method draws ``purpose`` from: ``method/<name>`` for

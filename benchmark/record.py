@@ -20,7 +20,10 @@ Fields (JSON, in this order; a field that is None is left out):
 - outputs beside the record: ``checkpoint`` (its file name, ``save_checkpoint``), ``tracking``
   (``log``: the tracker and its folder);
 - sweeps add: ``run_key`` (the run's own key where a smoke run's key differs), ``sweep`` (label,
-  variant, tuned file), ``previous_errors``, ``elapsed_seconds``, ``written_at``.
+  variant, tuned file), ``previous_errors``, ``elapsed_seconds``, ``written_at``, and
+  ``same_run_as``: the key of the run whose training this record shares (a run whose option
+  resolved, during training, to another planned run's computation: UDI's anchor=auto and the
+  anchor it picked; see ``Method.same_run_facts``).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Record:
     previous_errors: list[str] | None = None
     elapsed_seconds: float | None = None
     written_at: float | None = None
+    same_run_as: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

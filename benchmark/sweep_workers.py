@@ -80,12 +80,96 @@ def _work(items: list[PlannedRun], spec: WorkerSpec, emit: Callable[[dict[str, A
                   "seed": item.seed, "pid": os.getpid()})
             record = _run_one(item, spec, store, cache, prepare, execute_with_outputs, failed_record)
             store.write(Path(item.path), record)
-            trained, reused = count_unimodal_reuse(record)
-            metrics = record.get("metrics", {})
-            emit({"event": "done", "key": item.key, "status": record["status"], "label": item.label,
-                  "dataset": item.dataset, "seed": item.seed, "accuracy": metrics.get("accuracy"),
-                  "seconds": record.get("elapsed_seconds", 0.0), "error": record.get("error", ""),
-                  "trained": trained, "reused": reused})
+            _emit_done(emit, item, record)
+        finally:
+            claim.release()
+        if record.get("status") == "ok":
+            _write_same_runs(item, record, items, spec, store, cache, prepare, emit)
+
+
+def _emit_done(emit: Callable[[dict[str, Any]], None], item: PlannedRun, record: dict[str, Any]) -> None:
+    # a record that shares another run's training trained and reused nothing of its own
+    trained, reused = count_unimodal_reuse(record) if not record.get("same_run_as") else (0, 0)
+    metrics = record.get("metrics", {})
+    emit({"event": "done", "key": item.key, "status": record["status"], "label": item.label,
+          "dataset": item.dataset, "seed": item.seed, "accuracy": metrics.get("accuracy"),
+          "seconds": record.get("elapsed_seconds", 0.0), "error": record.get("error", ""),
+          "trained": trained, "reused": reused})
+
+
+def same_runs(done: PlannedRun, record: dict[str, Any], items: list[PlannedRun]
+              ) -> list[tuple[PlannedRun, dict[str, Any]]]:
+    """The planned runs that are ``done``'s computation under other settings of its method's
+    resolved options (``Method.resolved_options``), each with the method facts it records
+    differently."""
+    from benchmark.registry import METHODS
+
+    cls = METHODS.get(done.method)
+    resolved = set(getattr(cls, "resolved_options", ()))
+    if not resolved:
+        return []
+
+    def rest(run: PlannedRun) -> dict[str, Any]:
+        return {k: v for k, v in run.assignments.items() if k not in resolved}
+
+    base = rest(done)
+    found = []
+    for item in items:
+        if item.key == done.key or (item.method, item.dataset, item.seed) != (done.method, done.dataset, done.seed):
+            continue
+        if rest(item) != base:
+            continue
+        facts = cls.same_run_facts(record, item.assignments)
+        if facts is not None:
+            found.append((item, facts))
+    return found
+
+
+def _write_same_runs(done: PlannedRun, record: dict[str, Any], items: list[PlannedRun], spec: WorkerSpec,
+                     store: Store, cache: _DataCache, prepare: Callable,
+                     emit: Callable[[dict[str, Any]], None]) -> None:
+    """Write the record of every planned run that is ``done``'s computation (see :func:`same_runs`)
+    and that the store lacks: ``done``'s record under the run's own configuration, key, table label
+    and method facts, with ``same_run_as`` naming ``done``. One training, two rows' records."""
+    from benchmark.runner import defaults_of
+
+    for item, facts in same_runs(done, record, items):
+        if not _needs_run(store, item, spec.retry_before):
+            continue
+        claim = store.claim(item.key)
+        if claim is None:  # another process is on it
+            continue
+        try:
+            if not _needs_run(store, item, spec.retry_before):
+                continue
+            t0 = time.perf_counter()
+            assignments = dict(item.assignments, cache_dir=str(store.cache_dir))
+            if spec.device and str(assignments.get("device", "auto")) == "auto":
+                assignments["device"] = spec.device
+            cfg = build_config(assignments)
+            run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
+            if run.key != item.run_key:
+                continue  # not the run planned: train it instead
+            out = Record.from_json(record)
+            out.key, out.run_key = item.key, (item.run_key if item.key != item.run_key else None)
+            out.config, out.defaults = run.resolved, defaults_of(run)
+            out.method_record = dict(record.get("method_record") or {}, **facts)
+            out.sweep = {"label": item.label, "variant": item.variant, "tuned": item.tuned}
+            out.same_run_as = done.key
+            out.previous_errors = None
+            out.elapsed_seconds = time.perf_counter() - t0
+            out.written_at = time.time()
+            log_path = store.log_path(item.key)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as log_file:
+                log_file.write(f"== {item.label} on {item.dataset} seed {item.seed} (key {item.key}) pid {os.getpid()}\n"
+                               f"the same computation as {done.label} (key {done.key}): its record, with this "
+                               f"run's configuration and {', '.join(sorted(facts))}\n")
+            twin = out.to_json()
+            store.write(Path(item.path), twin)
+            emit({"event": "start", "key": item.key, "label": item.label, "dataset": item.dataset,
+                  "seed": item.seed, "pid": os.getpid()})
+            _emit_done(emit, item, twin)
         finally:
             claim.release()
 

@@ -181,6 +181,41 @@ def test_several_sweeps_plan_as_one_grid_with_shared_runs_once(tmp_path, capsys)
     assert f"sweep {first.name}+{second.name}: 7 runs" in capsys.readouterr().out
 
 
+def test_a_run_that_resolves_to_another_planned_run_shares_its_training(tmp_path, capsys):
+    """UDI's anchor=auto is, once the anchor is picked, the run with that anchor forced: the sweep
+    trains it once and writes the other row's record from it (``same_run_as``), which equals the
+    record of that run trained on its own in everything but the configuration and the anchor rule."""
+    body = '[methods.udi]\nvariants = [{ "method.anchor" = ["auto", "@modalities"], label = "udi anchor={anchor}" }]\n'
+    path = write_sweep(tmp_path, body, seeds="[0]")
+    store = tmp_path / "store"
+    assert main(["sweep", str(path), "--store", str(store), "--jobs", "1", "--no-live"]) == 0
+    recs = {r["sweep"]["label"]: r for r in map(read_record, records(store))}
+    auto = recs["udi anchor=auto"]
+    assert set(recs) == {"udi anchor=auto", "udi anchor=m0", "udi anchor=m1"}
+    picked = recs[f"udi anchor={auto['method_record']['anchor']}"]
+    other = next(r for lab, r in recs.items() if r is not auto and r is not picked)
+    assert picked["same_run_as"] == auto["key"] and "same_run_as" not in auto and "same_run_as" not in other
+    assert picked["method_record"]["anchor_rule"] == "forced" and picked["method_record"]["anchor_tied"] == []
+    assert picked["config"]["method_options"]["anchor"] == auto["method_record"]["anchor"]
+    assert "the same computation as udi anchor=auto" in (store / "logs" / f"{picked['key']}.log").read_text()
+    # the forced run trained on its own gives the same record
+    alone = tmp_path / "alone"
+    assert main(["sweep", str(path), "--store", str(alone), "--jobs", "1", "--no-live",
+                 "--where", f"method.anchor={auto['method_record']['anchor']}"]) == 0
+    [trained] = [read_record(p) for p in records(alone)]
+    assert trained["key"] == picked["key"] and "same_run_as" not in trained
+    def untimed(x):  # timings and the unimodal cache's provenance (trained here, reused there) aside
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items()
+                    if "seconds" not in k and k not in ("peak_memory_mb", "unimodal", "reused", "data_wait_fraction")}
+        return [untimed(v) for v in x] if isinstance(x, list) else x
+
+    assert dict(trained["config"], cache_dir="") == dict(picked["config"], cache_dir="")  # stores apart
+    for field in ("defaults", "stages", "convergence", "metrics", "history", "method_record"):
+        assert untimed(trained[field]) == untimed(picked[field]), field
+    assert trained["metrics"]["accuracy"] == picked["metrics"]["accuracy"]
+
+
 # --- running ----------------------------------------------------------------------------------------
 def test_sweep_runs_skips_what_it_has_and_records_nan_runs_as_failed(tmp_path, capsys):
     body = GRID.replace("[methods.joint]", '[methods.joint]\nvariants = [{}, { lr = 1e10, label = "joint lr=1e10" }]')

@@ -392,6 +392,25 @@ class UDI(Method):
         "cgmnist": {"UDI paper": (99.11, None)},
     }
 
+    # anchor=auto is the run with the anchor it picks (a sweep that holds both trains it once)
+    resolved_options = ("method.anchor",)
+
+    @classmethod
+    def same_run_facts(cls, record: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any] | None:
+        """The anchor setting is read once, by :func:`select_anchor`, from the unimodal validation
+        results every setting computes alike (and records); everything after depends on the
+        anchor chosen, not on how. So a run whose setting picks the anchor ``record`` trained is
+        that run: it records its own rule and ties."""
+        facts = record.get("method_record") or {}
+        try:
+            choice = select_anchor(facts["unimodal_val_accuracy"], facts["unimodal_val_entropy"],
+                                   float(assignments["method.tie_tol"]), str(assignments["method.anchor"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if choice.anchor != facts.get("anchor"):
+            return None
+        return {"anchor_rule": choice.rule, "anchor_tied": choice.tied}
+
     @classmethod
     def perf_variants(cls, modalities: list[str]) -> list[tuple[str, dict[str, Any]]]:
         # both controller modes, the anchor forced to the first modality so that the follower
