@@ -146,8 +146,11 @@ def _write_same_runs(done: PlannedRun, record: dict[str, Any], items: list[Plann
             assignments = dict(item.assignments, cache_dir=str(store.cache_dir))
             if spec.device and str(assignments.get("device", "auto")) == "auto":
                 assignments["device"] = spec.device
-            cfg = build_config(assignments)
-            run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
+            try:
+                cfg = build_config(assignments)
+                run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
+            except Exception:  # whatever stops it here stops the run too: trained and recorded in its turn
+                continue
             if run.key != item.run_key:
                 continue  # not the run planned: train it instead
             out = Record.from_json(record)

@@ -136,11 +136,12 @@ def weights_identity(path: str) -> dict[str, Any]:
 
 def _training_code() -> list[Any]:
     """Code whose change changes the weights a unimodal training produces (besides the model's)."""
-    from benchmark.method import make_optimizer
+    from benchmark.method import fused_on_cpu, make_optimizer, zero_momentum
     from benchmark.precise_bn import recompute_batchnorm
     from benchmark.trainer import Trainer
 
-    return [unimodal_stage, Trainer.fit, Trainer.recalibrate, recompute_batchnorm, make_optimizer]
+    return [unimodal_stage, Trainer.fit, Trainer.recalibrate, recompute_batchnorm, make_optimizer, fused_on_cpu,
+            zero_momentum]
 
 
 def code_fingerprint(model: nn.Module) -> str:

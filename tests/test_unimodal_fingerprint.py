@@ -98,3 +98,12 @@ def test_precise_batchnorm_recomputes_only_trained_layers() -> None:
     assert used == 64 and model.training and trained.momentum == 0.1  # modes and momentum restored
     torch.testing.assert_close(trained.running_mean, x.mean(0))  # the exact mean, not a moving average
     torch.testing.assert_close(frozen.running_mean, before)
+
+
+def test_fingerprint_reads_every_helper_of_the_optimiser() -> None:
+    """A change to the fused step or its zero momentum buffers changes the weights a unimodal
+    training produces, so their source is part of the fingerprint, as make_optimizer's is."""
+    from benchmark.unimodal import _training_code
+
+    names = {f.__name__ for f in _training_code()}
+    assert {"make_optimizer", "fused_on_cpu", "zero_momentum", "recompute_batchnorm"} <= names
