@@ -57,8 +57,13 @@ class _Writer:
     def submit(self, fig: Any, paths: Sequence[FigurePath], tight: bool, kwargs: dict[str, Any]) -> None:
         import matplotlib
 
+        try:
+            blob = pickle.dumps(fig)
+        except (pickle.PicklingError, AttributeError, TypeError):  # e.g. a lambda tick formatter: drawn here
+            _render(fig, paths, tight, kwargs)
+            return
         rc = {k: v for k, v in matplotlib.rcParams.items()}
-        self.pending.append(self.pool.submit(_render_pickled, pickle.dumps(fig), rc, list(paths), tight, kwargs))
+        self.pending.append(self.pool.submit(_render_pickled, blob, rc, list(paths), tight, kwargs))
 
     def finish(self) -> None:
         try:

@@ -5,6 +5,7 @@ thread pools a sweep worker sizes."""
 from __future__ import annotations
 
 import copy
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -236,6 +237,25 @@ def test_figures_drawn_by_worker_processes_are_the_files_drawn_inline(tmp_path) 
     assert names == sorted(p.name for p in (tmp_path / "workers").iterdir()) and len(names) == 6
     for name in names:
         assert (tmp_path / "inline" / name).read_bytes() == (tmp_path / "workers" / name).read_bytes(), name
+
+
+def test_a_figure_that_cannot_be_pickled_is_drawn_in_this_process(tmp_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from benchmark.report_plot import figure_workers, save_figure
+
+    with figure_workers(2):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.1f}"))
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            pickle.dumps(fig)
+        save_figure(fig, [tmp_path / "f.png"])
+    assert (tmp_path / "f.png").stat().st_size > 0
 
 
 def test_a_figure_that_cannot_be_written_fails_the_block(tmp_path) -> None:
