@@ -139,8 +139,8 @@ def fused_on_cpu(params: list[nn.Parameter]) -> dict[str, bool]:
     """``{"fused": True}`` when every parameter is a float32/float64 tensor on the CPU, else ``{}``.
 
     PyTorch's default optimiser step on the CPU loops over the parameters in Python, several small
-    operations each; the fused step is one kernel per parameter (on a 3-modality MLP, UDI's
-    follower phase with its CLUB estimators' Adam steps took ≈ 0.75× the time). The update is the
+    operations each; the fused step is one kernel per parameter (at the size of UDI's CLUB
+    estimators, an Adam step took 0.59 ms so and 0.12 ms fused, an SGD step 0.19 and 0.05). The update is the
     same formula, rounded differently in the last bits (a test bounds the difference to the
     library's default step). On accelerators the library's default (foreach) is kept."""
     ok = bool(params) and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.config import build_config, config_hash
-from benchmark.errors import UsageError
+from benchmark.errors import FilterMatchesNothing, UsageError
 from benchmark.store import Store
 from benchmark.sweep_spec import MODALITIES, VARIANT_DATASETS, SweepSpec
 
@@ -209,9 +209,7 @@ def plan_sweeps(specs: list[SweepSpec], store: Store, filters: Filters | None = 
     for spec in specs:
         try:
             plans.append(plan_sweep(spec, store, filters, smoke, tuned))
-        except UsageError as exc:
-            if not str(exc).startswith(("filter --", "filters ")):
-                raise
+        except FilterMatchesNothing as exc:
             refused.append(str(exc))
     if not plans:
         raise UsageError(refused[0])
@@ -247,10 +245,10 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
                                 ("method", filters.methods, spec.methods)):
         for name in chosen:
             if name not in known:
-                raise UsageError(f"filter --{kind} {name!r} matches no {kind} of sweep {spec.name} "
+                raise FilterMatchesNothing(f"filter --{kind} {name!r} matches no {kind} of sweep {spec.name} "
                                  f"(its {kind}s: {', '.join(known)})")
     if filters.seeds and not set(filters.seeds) & set(spec.seeds):
-        raise UsageError(f"filter --seed {','.join(map(str, filters.seeds))} matches no seed of sweep "
+        raise FilterMatchesNothing(f"filter --seed {','.join(map(str, filters.seeds))} matches no seed of sweep "
                          f"{spec.name} (its seeds: {', '.join(map(str, spec.seeds))})")
     seeds = [s for s in spec.seeds if not filters.seeds or s in filters.seeds]
     if smoke:
@@ -342,7 +340,7 @@ def plan_sweep(spec: SweepSpec, store: Store, filters: Filters | None = None,
     if not runs and notes:
         raise UsageError(f"no run of sweep {spec.name} can run here: " + "; ".join(notes))
     if not runs:
-        raise UsageError(f"filters {filters.describe()} match no run of sweep {spec.name}; "
+        raise FilterMatchesNothing(f"filters {filters.describe()} match no run of sweep {spec.name}; "
                          "see `python -m benchmark sweep " + spec.name + " --list`")
     seen: dict[str, PlannedRun] = {}
     for run in runs:  # the same config twice (two variants resolving alike) runs once

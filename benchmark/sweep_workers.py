@@ -143,21 +143,17 @@ def _write_same_runs(done: PlannedRun, record: dict[str, Any], items: list[Plann
             if not _needs_run(store, item, spec.retry_before):
                 continue
             t0 = time.perf_counter()
-            assignments = dict(item.assignments, cache_dir=str(store.cache_dir))
-            if spec.device and str(assignments.get("device", "auto")) == "auto":
-                assignments["device"] = spec.device
             try:
-                cfg = build_config(assignments)
+                cfg = build_config(_assignments(item, spec, store))
                 run = prepare(cfg, cache.get(cfg.dataset, cfg.dataset_options))
             except Exception:  # whatever stops it here stops the run too: trained and recorded in its turn
                 continue
             if run.key != item.run_key:
                 continue  # not the run planned: train it instead
             out = Record.from_json(record)
-            out.key, out.run_key = item.key, (item.run_key if item.key != item.run_key else None)
+            _sweep_fields(out, item)
             out.config, out.defaults = run.resolved, defaults_of(run)
             out.method_record = dict(record.get("method_record") or {}, **facts)
-            out.sweep = {"label": item.label, "variant": item.variant, "tuned": item.tuned}
             out.same_run_as = done.key
             out.previous_errors = None
             out.elapsed_seconds = time.perf_counter() - t0
@@ -165,7 +161,7 @@ def _write_same_runs(done: PlannedRun, record: dict[str, Any], items: list[Plann
             log_path = store.log_path(item.key)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log_file:
-                log_file.write(f"== {item.label} on {item.dataset} seed {item.seed} (key {item.key}) pid {os.getpid()}\n"
+                log_file.write(f"{_log_header(item)}\n"
                                f"the same computation as {done.label} (key {done.key}): its record, with this "
                                f"run's configuration and {', '.join(sorted(facts))}\n")
             twin = out.to_json()
@@ -177,12 +173,31 @@ def _write_same_runs(done: PlannedRun, record: dict[str, Any], items: list[Plann
             claim.release()
 
 
-def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache,
-             prepare: Callable, execute: Callable, failed_record: Callable) -> dict[str, Any]:
+def _assignments(item: PlannedRun, spec: WorkerSpec, store: Store) -> dict[str, Any]:
+    """The planned run's assignments as the worker runs them: the worker's device (where the run
+    leaves it to auto) and the store's unimodal cache."""
     assignments = dict(item.assignments)
     if spec.device and str(assignments.get("device", "auto")) == "auto":
         assignments["device"] = spec.device
     assignments["cache_dir"] = str(store.cache_dir)
+    return assignments
+
+
+def _log_header(item: PlannedRun) -> str:
+    return f"== {item.label} on {item.dataset} seed {item.seed} (key {item.key}) pid {os.getpid()}"
+
+
+def _sweep_fields(out: Record, item: PlannedRun) -> None:
+    """The fields a sweep adds to the record of ``item``: its key (and its own run key where they
+    differ) and its table label, variant and tuned file."""
+    out.key = item.key
+    out.run_key = item.run_key if item.key != item.run_key else None
+    out.sweep = {"label": item.label, "variant": item.variant, "tuned": item.tuned}
+
+
+def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache,
+             prepare: Callable, execute: Callable, failed_record: Callable) -> dict[str, Any]:
+    assignments = _assignments(item, spec, store)
     t0 = time.perf_counter()
     previous = store.read(Path(item.path)) if Path(item.path).exists() else None
     log_path = store.log_path(item.key)
@@ -192,7 +207,7 @@ def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache
             log_file.write(msg + "\n")
             log_file.flush()
 
-        log(f"== {item.label} on {item.dataset} seed {item.seed} (key {item.key}) pid {os.getpid()}")
+        log(_log_header(item))
         run = None
         try:
             cfg = build_config(assignments)
@@ -207,10 +222,7 @@ def _run_one(item: PlannedRun, spec: WorkerSpec, store: Store, cache: _DataCache
                                                               dataset=item.dataset, seed=item.seed))
             record["traceback"] = traceback.format_exception(exc)[-3:]
     out = Record.from_json(record)  # the sweep's fields, on the one record definition
-    out.key = item.key
-    if item.key != item.run_key:
-        out.run_key = item.run_key
-    out.sweep = {"label": item.label, "variant": item.variant, "tuned": item.tuned}
+    _sweep_fields(out, item)
     if spec.smoke:
         out.smoke = asdict(spec.smoke)
     if previous and previous.get("status") == "failed":
